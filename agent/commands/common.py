@@ -1,0 +1,29 @@
+"""Helpers every subcommand shares: opening the store, loading the model, printing."""
+from __future__ import annotations
+
+import json
+import sys
+
+from memory.store import FactStore
+
+
+def open_store(args) -> FactStore:
+    return FactStore(args.db)
+
+
+def load(args):
+    from editors.model import load_model
+
+    return load_model(args.model, args.device)
+
+
+def emit(args, payload: dict, text: str) -> None:
+    """Print JSON for programs (--json), or the human text."""
+    if args.json:
+        print(json.dumps(payload, indent=2, default=str))
+    else:
+        print(text)
+
+
+def note(message: str) -> None:
+    print(message, file=sys.stderr)

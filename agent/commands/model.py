@@ -1,0 +1,25 @@
+"""Model commands: ask."""
+from __future__ import annotations
+
+from agent.commands.common import emit, load
+
+
+def cmd_ask(args) -> int:
+    from editors.answer import chat_prompt, generate_greedy
+
+    loaded = load(args)
+    prompt = chat_prompt(loaded.tokenizer, args.prompt) if args.chat else args.prompt
+    answer = generate_greedy(loaded.model, loaded.tokenizer, [prompt], max_new_tokens=args.max_new_tokens)[0]
+    emit(args, {"prompt": args.prompt, "answer": answer, "model": loaded.name}, answer)
+    return 0
+
+
+def _configure_ask(p) -> None:
+    p.add_argument("prompt", help="a prompt to complete (or a question with --chat)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+
+
+COMMANDS = {
+    "ask": (cmd_ask, _configure_ask, "answer a prompt greedily with the current model"),
+}
