@@ -197,3 +197,19 @@ def tiny_llama(vocab_size: int = 128, layers: int = 4, hidden: int = 64, seed: i
         tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer (printable ASCII, < 128 ids) for tiny_llama: no downloads."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(string.printable) - set("\x0b\x0c\r")))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")  # every character is a token
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")

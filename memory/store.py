@@ -188,8 +188,10 @@ class FactStore:
     def _active_owners(s: Session, facts: Sequence[FactInput]) -> dict[tuple, int]:
         """Active facts that the batch might supersede, keyed like FactInput.supersede_keys()."""
         prompts = {f.prompt for f in facts if f.prompt}
-        subjects = {f.subject for f in facts if f.subject and f.relation}
-        query = select(Fact).where(Fact.status == "active", (Fact.prompt.in_(prompts)) | (Fact.subject.in_(subjects)))
+        subjects = {f.subject.lower() for f in facts if f.subject and f.relation}
+        # Subjects compare case-insensitively, like FactInput.supersede_keys().
+        query = select(Fact).where(Fact.status == "active",
+                                   Fact.prompt.in_(prompts) | func.lower(Fact.subject).in_(subjects))
         owners: dict[tuple, int] = {}
         for old in s.scalars(query):
             probe = FactInput(prompt=old.prompt, target=old.target, subject=old.subject, relation=old.relation,

@@ -1,0 +1,58 @@
+"""Model loading: the tiny config-built Llama for unit tests, and the real default model offline."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from editors.answer import generate_greedy
+from editors.model import load_model, resolve_device, tiny_llama, tiny_tokenizer
+
+
+def test_tiny_llama_is_deterministic():
+    a, b = tiny_llama(seed=0), tiny_llama(seed=0)
+    ids = torch.tensor([tiny_tokenizer()("The capital of Japan is")["input_ids"]])
+    assert torch.equal(a(ids).logits, b(ids).logits)
+    assert not torch.equal(a(ids).logits, tiny_llama(seed=1)(ids).logits)
+
+
+def test_tiny_tokenizer_round_trips():
+    tok = tiny_tokenizer()
+    text = "Nairobi is the capital of Japan."
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert max(tok(text)["input_ids"]) < 128
+
+
+def test_resolve_device_cpu():
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type == "cpu"
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    from memory.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError):
+        load_model(str(tmp_path / "no-such-model"), "cpu")
+
+
+@pytest.mark.slow
+def test_default_model_answers_paris(default_model):
+    assert default_model.model.config.num_hidden_layers == 30
+    answer = generate_greedy(default_model.model, default_model.tokenizer, ["The capital of France is"], max_new_tokens=4)
+    assert "Paris" in answer[0]
+
+
+@pytest.mark.slow
+def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
+    from editors import model as model_module
+
+    monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path))
+    first = load_model("smollm2-135m", "cpu")
+    cache = model_module.cache_root() / "models" / "smollm2-135m"
+    (cache / "model.safetensors").write_bytes(b"garbage")
+    second = load_model("smollm2-135m", "cpu")
+    assert not second.from_cache
+    assert torch.equal(first.model.model.embed_tokens.weight, second.model.model.embed_tokens.weight)
+    assert json.loads((cache / "engram-cache.json").read_text())["gguf"].endswith(".gguf")
