@@ -43,6 +43,10 @@ class Editor(Protocol):
 
     name: str
 
+    def parameter_names(self) -> list[str]:
+        """Every parameter an edit may touch (callers snapshot these before editing)."""
+        ...
+
     def edit(self, request: EditRequest) -> EditResult: ...
 
     def rollback(self, delta: dict[str, torch.Tensor]) -> None: ...

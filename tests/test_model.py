@@ -51,6 +51,9 @@ def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path))
     first = load_model("smollm2-135m", "cpu")
     cache = model_module.cache_root() / "models" / "smollm2-135m"
+    # Unlink first: the loaded model still maps the old file, and writing into that inode would
+    # pull the pages from under it (SIGBUS). A new file is what a real corruption would look like.
+    (cache / "model.safetensors").unlink()
     (cache / "model.safetensors").write_bytes(b"garbage")
     second = load_model("smollm2-135m", "cpu")
     assert not second.from_cache

@@ -27,3 +27,16 @@ def emit(args, payload: dict, text: str) -> None:
 
 def note(message: str) -> None:
     print(message, file=sys.stderr)
+
+
+def load_state(args):
+    """The store, the base model, and the live model state rebuilt from the recorded edits."""
+    from editors.state import ModelState
+
+    store = open_store(args)
+    loaded = load(args)
+    state = ModelState(store, loaded.model)
+    n = state.rebuild()
+    if n:
+        note(f"replayed {n} recorded edit(s); model version {state.version}")
+    return store, loaded, state

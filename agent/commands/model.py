@@ -1,16 +1,16 @@
 """Model commands: ask."""
 from __future__ import annotations
 
-from agent.commands.common import emit, load
+from agent.commands.common import emit, load_state
 
 
 def cmd_ask(args) -> int:
     from editors.answer import chat_prompt, generate_greedy
 
-    loaded = load(args)
+    _, loaded, state = load_state(args)
     prompt = chat_prompt(loaded.tokenizer, args.prompt) if args.chat else args.prompt
     answer = generate_greedy(loaded.model, loaded.tokenizer, [prompt], max_new_tokens=args.max_new_tokens)[0]
-    emit(args, {"prompt": args.prompt, "answer": answer, "model": loaded.name}, answer)
+    emit(args, {"prompt": args.prompt, "answer": answer, "model": loaded.name, "model_version": state.version}, answer)
     return 0
 
 
