@@ -1,0 +1,137 @@
+"""Compression: each fact -> the K/V of one <GIST> token in every upper layer (DESIGN §1.2).
+
+One forward over `[fact tokens, <GIST>]` per fact, batched with right padding (causal attention means
+padding after the gist never reaches it, and each fact is compressed independently of the others).
+Keys are kept before RoPE (after k_norm where the model has one), so a gist carries no position.
+The forward runs the decoder only (no LM head), with no pool visible, and the compression-pass
+adapters switched on.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from editors.incomes.introspect import GistHookError, find_layer_stack
+from memory.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompressedGists:
+    """Gists of N facts: `keys`/`values` are [L, N, KVH, D] over the upper `layers`, in order."""
+
+    layers: tuple[int, ...]
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[1])
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) of one upper layer, each [N, KVH, D]."""
+        pos = self.layers.index(index)
+        return self.keys[pos], self.values[pos]
+
+    def select(self, rows: torch.Tensor | Sequence[int]) -> CompressedGists:
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.keys.device)
+        return CompressedGists(self.layers, self.keys[:, rows], self.values[:, rows])
+
+    @staticmethod
+    def cat(parts: Sequence[CompressedGists]) -> CompressedGists:
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        return CompressedGists(parts[0].layers, torch.cat([p.keys for p in parts], dim=1),
+                               torch.cat([p.values for p in parts], dim=1))
+
+
+def add_gist_token(tokenizer, token: str = "<GIST>") -> int:
+    """Add `token` to the tokenizer as a special token (idempotent); return its id.
+
+    The model's embedding matrix is not resized: the add-on's gist embedding (initialised to the mean
+    of the input rows) is put in place of the id's lookup by a hook, so the base weights, their
+    shapes and the logits' width stay exactly as they were, and the model can never emit <GIST>
+    (so no output row is needed, tied or untied).
+    """
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([token], special_tokens=True)
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(token_id, int) or token_id < 0 or token_id == tokenizer.unk_token_id:
+        raise ConfigError(f"tokenizer could not add the gist token {token!r}")
+    return token_id
+
+
+def _pack(id_lists: Sequence[Sequence[int]], gist_id: int, pad_id: int, max_tokens: int, device):
+    """Right-padded [B, T] ids and mask with <GIST> appended to each row, and each row's gist column."""
+    rows = []
+    for ids in id_lists:
+        ids = list(ids)
+        if not ids:
+            raise ConfigError("cannot compress an empty fact")
+        if len(ids) >= max_tokens:
+            log.warning("fact of %d tokens cut to %d before its <GIST>", len(ids), max_tokens - 1)
+            ids = ids[: max_tokens - 1]
+        rows.append(ids + [gist_id])
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, T]
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    cols = torch.tensor([len(r) - 1 for r in rows])  # [B]
+    return input_ids.to(device), mask.to(device), cols.to(device)
+
+
+def compress_ids(model, addon, id_lists: Sequence[Sequence[int]], batch_size: int = 32,
+                 max_tokens: int = 128, grad: bool = False, pad_id: int = 0) -> CompressedGists:
+    """Compress tokenised facts (without the gist token) into gists, `batch_size` facts per forward.
+
+    With grad=True the graph is kept, so the compression-pass adapters and the gist embedding train.
+    """
+    if not addon.attached or addon.gist_token_id is None:
+        raise GistHookError("attach() the gist add-on before compressing")
+    if batch_size < 1:
+        raise ConfigError("batch_size must be >= 1")
+    decoder, _ = find_layer_stack(model)
+    device = addon.gist_embedding.device
+    parts = []
+    with torch.set_grad_enabled(grad):
+        for start in range(0, len(id_lists), batch_size):
+            chunk = id_lists[start:start + batch_size]
+            input_ids, mask, cols = _pack(chunk, addon.gist_token_id, pad_id, max_tokens, device)
+            parts.append(_compress_batch(decoder, addon, input_ids, mask, cols))
+    if not parts:
+        d = addon.dims
+        empty = addon.gist_embedding.new_zeros(len(addon.layer_ids), 0, d.n_kv_heads, d.head_dim)
+        return CompressedGists(addon.layer_ids, empty, empty.clone())
+    return CompressedGists.cat(parts)
+
+
+def _compress_batch(decoder, addon, input_ids, mask, cols) -> CompressedGists:
+    rt = addon.runtime
+    saved_pool = rt.pool
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # [B]
+    rt.pool, rt.capture_at = None, (rows, cols)  # no pool is read while compressing
+    rt.captured.clear()
+    try:
+        decoder(input_ids=input_ids, attention_mask=mask, use_cache=False)
+        missing = [i for i in addon.layer_ids if i not in rt.captured]
+        if missing:
+            raise GistHookError(f"compression captured no K/V in upper layers {missing}")
+        keys = torch.stack([rt.captured[i][0] for i in addon.layer_ids])  # [L, B, KVH, D]
+        values = torch.stack([rt.captured[i][1] for i in addon.layer_ids])  # [L, B, KVH, D]
+    finally:
+        rt.pool, rt.capture_at = saved_pool, None
+        rt.captured.clear()
+    return CompressedGists(addon.layer_ids, keys, values)
+
+
+def compress_texts(model, tokenizer, addon, texts: Sequence[str], batch_size: int = 32,
+                   max_tokens: int = 128, grad: bool = False) -> CompressedGists:
+    """Compress fact texts (tokenised with the tokenizer's usual special tokens) into gists."""
+    id_lists = [tokenizer(text)["input_ids"] for text in texts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return compress_ids(model, addon, id_lists, batch_size, max_tokens, grad, pad_id=pad)

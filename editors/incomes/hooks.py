@@ -1,0 +1,174 @@
+"""How the gist add-on is attached to a base model: forward hooks, never module swaps.
+
+Why hooks and not a PEFT-style wrapper swapped in with setattr: a wrapper renames every base key
+(`self_attn.q_proj` -> `self_attn.base.q_proj`), which breaks checkpoints and the ICE editor's
+parameter names, and reimplementing the attention forward copies transformers internals that change
+between versions. With hooks the library's own self-attention code runs untouched, the base state
+dict keeps its keys and tensors, and with no pool the branch hooks return None: the base model's
+computation is exactly what it was, so logits are bit-identical by construction.
+
+Per forward of the decoder:
+1. decoder pre-hook: forget the previous forward's per-call state;
+2. embedding pre-hook: find <GIST> tokens, mark the tokens after the last one in each row as
+   allowed to read the pool, map the gist id to a valid row (it may lie past the embedding matrix);
+   embedding hook: put the add-on's gist embedding at those positions;
+3. upper-layer attention pre-hook: keep (hidden_states, (cos, sin)) for the gist branch; in the
+   compression pass, compute the gist position's K (pre-RoPE, after k_norm) and V;
+4. o_proj pre-hook: add the gist branch's output to o_proj's input (per-head, before o_proj);
+5. compression-pass LoRA forward hooks on the target projections, active only while compressing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from editors.incomes.introspect import (GistHookError, attention_of, check_attention_signature,
+                                        find_layer_stack, rope_function, split_call)
+
+
+@dataclass
+class BoundPool:
+    """A pool view as the hooks read it: per upper layer (keys, values), each [N, KVH, D]."""
+
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    n: int
+
+
+@dataclass
+class GistRuntime:
+    """Per-model mutable state shared by the hooks of one attached add-on."""
+
+    pool: BoundPool | None = None
+    read: torch.Tensor | None = None  # [B, T] bool: tokens after the last <GIST> of their row
+    gist_mask: torch.Tensor | None = None  # [B, T] bool: where the <GIST> tokens are
+    stash: dict = field(default_factory=dict)  # layer -> (hidden [B, T, C], (cos, sin))
+    capture_at: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, cols) while compressing
+    captured: dict = field(default_factory=dict)  # layer -> (K [N, KVH, D], V [N, KVH, D])
+
+    def set_pool(self, view, layer_ids: tuple[int, ...]) -> None:
+        if view is None or len(view) == 0:
+            self.pool = None if view is None else BoundPool({}, 0)
+            return
+        layers = tuple(view.layers)
+        missing = [i for i in layer_ids if i not in layers]
+        if missing:
+            raise GistHookError(f"pool view lacks gists for upper layers {missing}")
+        kv = {i: (view.keys[layers.index(i)], view.values[layers.index(i)]) for i in layer_ids}
+        self.pool = BoundPool(kv, int(view.keys.shape[1]))
+
+    def new_forward(self) -> None:
+        self.read, self.gist_mask = None, None
+        self.stash.clear()
+
+    def clear(self) -> None:
+        self.new_forward()
+        self.pool, self.capture_at = None, None
+        self.captured.clear()
+
+
+def install(addon, model: nn.Module) -> list:
+    """Register every hook of `addon` on `model`; returns the handles (remove() them to detach)."""
+    decoder, layers = find_layer_stack(model)
+    rt = addon.runtime
+    handles = [decoder.register_forward_pre_hook(lambda module, args: rt.new_forward())]
+    emb = model.get_input_embeddings()
+    handles.append(emb.register_forward_pre_hook(_embedding_pre(addon, emb.num_embeddings)))
+    handles.append(emb.register_forward_hook(_embedding_post(addon)))
+    for idx, layer in enumerate(layers):
+        attn = attention_of(layer)
+        if str(idx) in addon.branches:
+            check_attention_signature(attn)
+            rope_function(attn)  # fail at attach time, not at the first forward
+            handles.append(attn.register_forward_pre_hook(_attention_pre(addon, idx, attn), with_kwargs=True))
+            handles.append(attn.o_proj.register_forward_pre_hook(_o_proj_pre(addon, idx, attn)))
+        for name in addon.config.compress_targets if len(addon.compress_lora) else ():
+            lora = addon.compress_lora[f"{idx}_{name}"]
+            handles.append(getattr(attn, name).register_forward_hook(_compress_lora(rt, lora)))
+    return handles
+
+
+def _embedding_pre(addon, num_embeddings: int):
+    rt = addon.runtime
+
+    def hook(module, args):
+        ids = args[0]  # [B, T]
+        mask = ids == addon.gist_token_id  # [B, T]
+        if not bool(mask.any()):
+            return None
+        pos = torch.arange(ids.shape[-1], device=ids.device)  # [T]
+        last = torch.where(mask, pos, -1).amax(dim=-1, keepdim=True)  # [B, 1]
+        rt.gist_mask, rt.read = mask, pos > last  # [B, T], [B, T]
+        if addon.gist_token_id >= num_embeddings:
+            return (ids.masked_fill(mask, 0), *args[1:])  # a valid row; replaced after the lookup
+        return None
+
+    return hook
+
+
+def _embedding_post(addon):
+    rt = addon.runtime
+
+    def hook(module, args, output):
+        if rt.gist_mask is None:
+            return None
+        gist = addon.gist_embedding.to(output.dtype)  # [C]
+        return torch.where(rt.gist_mask[..., None], gist, output)  # [B, T, C]
+
+    return hook
+
+
+def _attention_pre(addon, idx: int, attn: nn.Module):
+    rt = addon.runtime
+    kv_width = addon.dims.n_kv_heads, addon.dims.head_dim
+
+    def hook(module, args, kwargs):
+        if rt.capture_at is not None:
+            hidden, _ = split_call(args, kwargs)
+            rows, cols = rt.capture_at
+            hg = hidden[rows, cols]  # [N, C], the <GIST> position of each fact
+            k = attn.k_proj(hg).view(-1, *kv_width)  # [N, KVH, D], no RoPE: gists carry no position
+            if isinstance(getattr(attn, "k_norm", None), nn.Module):
+                k = attn.k_norm(k)  # [N, KVH, D], Gemma3 normalises keys before RoPE
+            v = attn.v_proj(hg).view(-1, *kv_width)  # [N, KVH, D]
+            rt.captured[idx] = (k, v)
+        if rt.pool is not None and rt.pool.n and idx in rt.pool.kv:
+            rt.stash[idx] = split_call(args, kwargs)
+        return None
+
+    return hook
+
+
+def _o_proj_pre(addon, idx: int, attn: nn.Module):
+    rt = addon.runtime
+    branch = addon.branches[str(idx)]
+    width = addon.dims.n_heads * addon.dims.head_dim
+
+    def hook(module, args):
+        bound = rt.pool
+        if bound is None or not bound.n or idx not in bound.kv:
+            return None  # empty pool: the gist branch is skipped, not added as zeros
+        if idx not in rt.stash:
+            raise GistHookError(
+                f"layer {idx}: o_proj ran without its attention's pre-hook having seen hidden_states; "
+                "the attention forward changed (transformers upgrade?)"
+            )
+        hidden, cos_sin = rt.stash.pop(idx)
+        y = args[0]  # [B, T, H*D]
+        if y.shape[-1] != width or y.shape[:-1] != hidden.shape[:-1]:
+            raise GistHookError(f"layer {idx}: o_proj input {tuple(y.shape)} is not [B, T, {width}]")
+        keys, values = bound.kv[idx]
+        out = branch(attn, hidden, cos_sin, y, keys, values, rt.read, addon.temperature(bound.n))
+        return (out, *args[1:])
+
+    return hook
+
+
+def _compress_lora(rt: GistRuntime, lora: nn.Module):
+    def hook(module, args, output):
+        if rt.capture_at is None:
+            return None  # outside the compression pass the base projection is untouched
+        return output + lora(args[0])  # [..., d_out]
+
+    return hook

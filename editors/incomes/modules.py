@@ -1,0 +1,235 @@
+"""The InComeS add-on: gist cross-attention for the upper layers, a gist embedding, and LoRA adapters.
+
+Shapes: B batch, T tokens, C hidden, H query heads, KVH key/value heads, D head_dim, N gists.
+
+For one upper layer, with h the attention's input and y the self-attention output before o_proj:
+
+    q   = RoPE(q_norm(q_proj(h) + lora_q(h)))              [B, H, T, D]   the layer's own queries
+    K   = [zero_key; gist keys]  (pre-RoPE, GQA-expanded)  [N+1, H, D]
+    V   = [0;        gist values]                          [N+1, H, D]
+    g   = softmax(q K^T * scaling / T) V                   [B, H, T, D]   its own softmax
+    y'  = y + read * (g + lora_out(g))                     [B, T, H*D]    then the layer's o_proj
+
+The add-on never replaces a base module: it is attached with forward hooks (hooks.py), so the base
+state-dict keys and tensors stay exactly as they were, and an empty pool skips the branch entirely.
+Its own weights are saved alone, with a JSON config (the shape of PEFT's adaption_prompt).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from editors.incomes import hooks
+from editors.incomes.config import GistConfig
+from editors.incomes.introspect import GistHookError, ModelDims, model_dims, rope_function
+from memory.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ADDON_FORMAT = 1
+WEIGHTS_FILE = "gist_addon.safetensors"
+CONFIG_FILE = "gist_addon.json"
+
+
+class LoRA(nn.Module):
+    """x -> alpha/rank * B(A(x)). B starts at zero, so a fresh adapter changes nothing."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int, alpha: float):
+        super().__init__()
+        self.A = nn.Linear(d_in, rank, bias=False)
+        self.B = nn.Linear(rank, d_out, bias=False)
+        nn.init.kaiming_uniform_(self.A.weight, a=5 ** 0.5)
+        nn.init.zeros_(self.B.weight)
+        self.scale = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.B(self.A(x)) * self.scale  # [..., d_in] -> [..., d_out]
+
+
+class GistAttention(nn.Module):
+    """The gist branch of one upper layer. It borrows q_proj / q_norm / RoPE / scaling from the base
+    attention passed to forward(), and owns only the zero-gist key, an optional gate and adapters."""
+
+    def __init__(self, dims: ModelDims, config: GistConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = dims.n_heads, dims.n_kv_heads, dims.head_dim
+        self.zero_key = nn.Parameter(torch.randn(dims.n_kv_heads, dims.head_dim) * config.zero_key_init_std)
+        r, alpha, width = config.adapter_rank, config.adapter_alpha, dims.n_heads * dims.head_dim
+        self.lora_q = LoRA(dims.hidden, width, r, alpha) if r else None
+        self.lora_out = LoRA(width, width, r, alpha) if r else None
+        self.gate = nn.Parameter(torch.full((dims.n_heads,), float(config.gate_init))) \
+            if config.gate_init is not None else None
+
+    def forward(self, attn: nn.Module, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                y: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                read: torch.Tensor | None, temperature: float) -> torch.Tensor:
+        B, T, _ = h.shape
+        H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = attn.q_proj(h)  # [B, T, H*D]
+        if self.lora_q is not None:
+            q = q + self.lora_q(h)
+        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        if isinstance(getattr(attn, "q_norm", None), nn.Module):
+            q = attn.q_norm(q)  # Gemma3: RMSNorm over D, before RoPE, as self-attention does
+        cos, sin = cos_sin
+        q, _ = rope_function(attn)(q, q[:, :1], cos, sin)  # [B, H, T, D]
+        k = torch.cat([self.zero_key[None].to(keys.dtype), keys], dim=0)  # [N+1, KVH, D]
+        v = F.pad(values, (0, 0, 0, 0, 1, 0))  # [N+1, KVH, D], row 0 = the zero-gist's zero value
+        k = k.repeat_interleave(H // KVH, dim=1)  # [N+1, H, D], head h reads kv head h // (H/KVH)
+        v = v.repeat_interleave(H // KVH, dim=1)  # [N+1, H, D]
+        att = torch.einsum("bhtd,nhd->bhtn", q, k) * (attn.scaling / temperature)  # [B, H, T, N+1]
+        att = att.softmax(dim=-1, dtype=torch.float32).to(q.dtype)  # [B, H, T, N+1]
+        g = torch.einsum("bhtn,nhd->bhtd", att, v)  # [B, H, T, D]
+        if self.gate is not None:
+            g = g * self.gate.to(g.dtype)[None, :, None, None]  # [B, H, T, D]
+        g = g.transpose(1, 2).reshape(B, T, H * D)  # [B, T, H*D], head-major like self-attention
+        if self.lora_out is not None:
+            g = g + self.lora_out(g)  # [B, T, H*D]
+        if read is not None:
+            g = g * read[..., None].to(g.dtype)  # [B, T, H*D], zero at and before a <GIST>
+        return y + g  # [B, T, H*D]
+
+
+class GistAddon(nn.Module):
+    """All add-on parameters, and the hooks that attach them to a base model.
+
+    >>> addon = GistAddon.for_model(model, GistConfig())
+    >>> addon.attach(model, gist_token_id)          # base state dict unchanged
+    >>> with addon.use(pool.view(user_id)):          # a forward / generate that reads the pool
+    ...     model(input_ids)
+    >>> addon.detach()                               # every hook removed
+    """
+
+    def __init__(self, config: GistConfig, dims: ModelDims):
+        super().__init__()
+        self.config, self.dims = config, dims
+        self.layer_ids = config.layers_for(dims.n_layers)
+        self.branches = nn.ModuleDict({str(i): GistAttention(dims, config) for i in self.layer_ids})
+        self.gist_embedding = nn.Parameter(torch.zeros(dims.hidden))  # [C], set by init_from(model)
+        self.compress_lora = nn.ModuleDict()
+        if config.adapter_rank:
+            width = {"q_proj": dims.n_heads * dims.head_dim, "k_proj": dims.n_kv_heads * dims.head_dim,
+                     "v_proj": dims.n_kv_heads * dims.head_dim, "o_proj": dims.hidden}
+            for layer in range(dims.n_layers):
+                for name in config.compress_targets:
+                    d_in = dims.n_heads * dims.head_dim if name == "o_proj" else dims.hidden
+                    self.compress_lora[f"{layer}_{name}"] = LoRA(d_in, width[name], config.adapter_rank,
+                                                                 config.adapter_alpha)
+        self.runtime = hooks.GistRuntime()
+        self.gist_token_id: int | None = None
+        self._handles: list = []
+        self.eval()  # inference by default (temperature on); training code calls .train()
+
+    @classmethod
+    def for_model(cls, model: nn.Module, config: GistConfig | None = None) -> GistAddon:
+        """A fresh add-on sized by introspection, on the model's device and dtype."""
+        addon = cls(config or GistConfig(), model_dims(model))
+        addon.init_from(model)
+        return addon
+
+    @torch.no_grad()
+    def init_from(self, model: nn.Module) -> None:
+        """Gist embedding = mean of the input embedding rows, in the embedding's output space (so a
+        scaled embedding, as Gemma's, is respected); then match the model's device and dtype."""
+        emb = model.get_input_embeddings()
+        weight = emb.weight  # [V, C]
+        probe = int(weight.norm(dim=-1).argmax())
+        out = emb(torch.tensor([[probe]], device=weight.device))[0, 0]  # [C]
+        scale = out.norm() / weight[probe].norm()
+        self.to(device=weight.device, dtype=weight.dtype)
+        self.gist_embedding.copy_(weight.mean(dim=0) * scale)  # [C]
+
+    # -- attaching --------------------------------------------------------------------------------
+    def attach(self, model: nn.Module, gist_token_id: int) -> None:
+        if self._handles:
+            raise GistHookError("this gist add-on is already attached; detach() it first")
+        dims = model_dims(model)
+        if dims != self.dims:
+            raise ConfigError(f"gist add-on was built for {self.dims}, the model is {dims}")
+        self.gist_token_id = int(gist_token_id)
+        self._handles = hooks.install(self, model)
+        log.debug("gist add-on attached to layers %s (%d hooks)", self.layer_ids, len(self._handles))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.runtime.clear()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    @contextmanager
+    def use(self, view):
+        """Let forwards inside read `view` (a PoolView or CompressedGists: .layers, .keys, .values
+        as [L, N, KVH, D]). None, or a view with no rows, leaves the base model bit-identical."""
+        if not self._handles:
+            raise GistHookError("attach() the gist add-on before use()")
+        previous = self.runtime.pool
+        self.runtime.set_pool(view, self.layer_ids)
+        try:
+            yield self
+        finally:
+            self.runtime.pool = previous
+
+    def temperature(self, n_gists: int) -> float:
+        """T applies at inference only, once the visible pool holds more than the threshold."""
+        cfg = self.config
+        return cfg.temperature if (not self.training and n_gists > cfg.temperature_min_gists) else 1.0
+
+    # -- saving -----------------------------------------------------------------------------------
+    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
+        """Write the add-on weights (safetensors) and a JSON config, alone, atomically (temp dir + rename)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
+        try:
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(tensors, str(tmp / WEIGHTS_FILE))
+            meta = {"format": ADDON_FORMAT, "config": self.config.to_dict(), "dims": self.dims.to_dict(),
+                    "extra": extra or {}}
+            (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+            old = directory.with_name(directory.name + ".old")
+            if directory.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, model: nn.Module | None = None) -> GistAddon:
+        """Read an add-on saved by save(); with `model`, check its dims and move to its device/dtype."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / CONFIG_FILE).read_text())
+            tensors = load_file(str(directory / WEIGHTS_FILE))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read gist add-on in {directory}: {exc}") from exc
+        if meta.get("format") != ADDON_FORMAT:
+            raise ConfigError(f"gist add-on format {meta.get('format')} is not {ADDON_FORMAT}")
+        addon = cls(GistConfig.from_dict(meta["config"]), ModelDims(**meta["dims"]))
+        if model is not None:
+            if model_dims(model) != addon.dims:
+                raise ConfigError(f"gist add-on in {directory} was trained for {addon.dims}, not this model")
+            weight = model.get_input_embeddings().weight
+            addon.to(device=weight.device, dtype=weight.dtype)
+        addon.load_state_dict(tensors)
+        return addon

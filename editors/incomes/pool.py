@@ -1,0 +1,221 @@
+"""GistPool: the growing store of compressed facts, on the model's device, with scoped views.
+
+Rows are kept in one pair of buffers `[L, capacity, KVH, D]` that double when full, so appending a
+fact writes its row and never touches (or recomputes) the others. Removing a fact removes exactly
+its row (the rows after it shift up; order is kept). Each row has a scope: None = global (visible to
+every chat) or a user_id (visible only to that user's chats); `view(user_id)` is global + that user's.
+
+On disk a pool is one safetensors file: the tensors plus, in its header metadata, the JSON of fact
+ids, scopes and shapes. One file written to a temp name and os.replace()d is atomic: a crash leaves
+the old pool or the new one, never a mix of tensors and ids.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Hashable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from memory.errors import ConfigError, NotFoundError, ValidationError
+
+log = logging.getLogger(__name__)
+
+POOL_FORMAT = 1
+META_KEY = "engram_gist_pool"
+
+
+@dataclass(frozen=True)
+class PoolView:
+    """The rows one chat may read: `keys`/`values` [L, n, KVH, D] over the upper `layers`."""
+
+    layers: tuple[int, ...]
+    keys: torch.Tensor
+    values: torch.Tensor
+    fact_ids: tuple
+
+    def __len__(self) -> int:
+        return len(self.fact_ids)
+
+
+class GistPool:
+    def __init__(self, layers: Sequence[int], n_kv_heads: int, head_dim: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, tag: str | None = None):
+        self.layers = tuple(int(i) for i in layers)
+        self.n_kv_heads, self.head_dim, self.tag = n_kv_heads, head_dim, tag
+        self.device, self.dtype = torch.device(device), dtype
+        self._keys = torch.empty(len(self.layers), 0, n_kv_heads, head_dim, device=self.device, dtype=dtype)
+        self._values = torch.empty_like(self._keys)  # [L, capacity, KVH, D]
+        self._ids: list = []
+        self._scopes: list[str | None] = []
+        self._version = 0
+        self._views: dict = {}
+
+    @classmethod
+    def for_addon(cls, addon, tag: str | None = None) -> GistPool:
+        """An empty pool shaped for `addon`, on its device and dtype (the model's)."""
+        w = addon.gist_embedding
+        return cls(addon.layer_ids, addon.dims.n_kv_heads, addon.dims.head_dim, w.device, w.dtype, tag)
+
+    # -- contents ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, fact_id) -> bool:
+        return fact_id in self._ids
+
+    @property
+    def fact_ids(self) -> tuple:
+        return tuple(self._ids)
+
+    def scope_of(self, fact_id) -> str | None:
+        return self._scopes[self._row(fact_id)]
+
+    def append(self, fact_ids: Sequence[Hashable], gists, scopes: str | None | Sequence[str | None] = None) -> None:
+        """Add one row per fact. `gists` has .layers and .keys/.values [L, N, KVH, D] (CompressedGists)."""
+        fact_ids = list(fact_ids)
+        n = len(fact_ids)
+        scopes = [scopes] * n if scopes is None or isinstance(scopes, str) else list(scopes)
+        self._check_append(fact_ids, gists, scopes)
+        if n == 0:
+            return
+        start = len(self._ids)
+        self._reserve(start + n)
+        with torch.no_grad():
+            self._keys[:, start:start + n] = gists.keys.detach().to(self.device, self.dtype)  # [L, n, KVH, D]
+            self._values[:, start:start + n] = gists.values.detach().to(self.device, self.dtype)
+        self._ids.extend(fact_ids)
+        self._scopes.extend(scopes)
+        self._touch()
+
+    def remove(self, fact_id) -> None:
+        """Remove exactly this fact's row; raises NotFoundError if it is not in the pool."""
+        row = self._row(fact_id)
+        keep = [i for i in range(self._keys.shape[1]) if i != row]  # new buffers: views already
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)  # handed out stay valid
+        self._keys = self._keys.index_select(1, index)  # [L, capacity-1, KVH, D]
+        self._values = self._values.index_select(1, index)
+        del self._ids[row], self._scopes[row]
+        self._touch()
+
+    # -- views ------------------------------------------------------------------------------------
+    def view(self, user_id: str | None = None) -> PoolView:
+        """Global rows plus `user_id`'s rows (only global rows when user_id is None)."""
+        return self._view(("user", user_id), lambda scope: scope is None or scope == user_id)
+
+    def view_all(self) -> PoolView:
+        """Every row, whatever its scope (for maintenance and evaluation, never for a user's chat)."""
+        return self._view(("all",), lambda scope: True)
+
+    @contextmanager
+    def activate(self, addon, user_id: str | None = None):
+        """Forwards / generate() inside read this pool's view for `user_id` through `addon`."""
+        with addon.use(self.view(user_id)):
+            yield
+
+    def bytes_per_fact(self) -> int:
+        """Pool bytes one fact costs: L upper layers x (K + V) x KVH x D x element size."""
+        return len(self.layers) * 2 * self.n_kv_heads * self.head_dim * self._keys.element_size()
+
+    def nbytes(self) -> int:
+        return len(self) * self.bytes_per_fact()
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write tensors + ids/scopes (header JSON) to one safetensors file, atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        n = len(self)
+        meta = {"format": POOL_FORMAT, "layers": list(self.layers), "n_kv_heads": self.n_kv_heads,
+                "head_dim": self.head_dim, "dtype": str(self.dtype).removeprefix("torch."), "tag": self.tag,
+                "fact_ids": self._ids, "scopes": self._scopes}
+        tensors = {"keys": self._keys[:, :n].contiguous().cpu(), "values": self._values[:, :n].contiguous().cpu()}
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        log.debug("saved gist pool of %d facts to %s", n, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> GistPool:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})[META_KEY])
+                keys, values = f.get_tensor("keys"), f.get_tensor("values")
+        except (OSError, KeyError, ValueError) as exc:
+            raise ConfigError(f"cannot read gist pool {path}: {exc}") from exc
+        if meta.get("format") != POOL_FORMAT:
+            raise ConfigError(f"gist pool {path} has format {meta.get('format')}, expected {POOL_FORMAT}")
+        pool = cls(meta["layers"], meta["n_kv_heads"], meta["head_dim"], device, getattr(torch, meta["dtype"]),
+                   meta.get("tag"))
+        from editors.incomes.compress import CompressedGists
+
+        pool.append(meta["fact_ids"], CompressedGists(pool.layers, keys, values), meta["scopes"])
+        return pool
+
+    # -- internals --------------------------------------------------------------------------------
+    def _row(self, fact_id) -> int:
+        try:
+            return self._ids.index(fact_id)
+        except ValueError:
+            raise NotFoundError(f"fact {fact_id!r} is not in the gist pool") from None
+
+    def _check_append(self, fact_ids: list, gists, scopes: list) -> None:
+        n = len(fact_ids)
+        if tuple(gists.layers) != self.layers:
+            raise ValidationError(f"gists are for layers {tuple(gists.layers)}, the pool for {self.layers}")
+        shape = (len(self.layers), n, self.n_kv_heads, self.head_dim)
+        if tuple(gists.keys.shape) != shape or tuple(gists.values.shape) != shape:
+            raise ValidationError(f"gists have shape {tuple(gists.keys.shape)}, expected {shape}")
+        if len(scopes) != n:
+            raise ValidationError(f"{len(scopes)} scopes for {n} facts")
+        if any(s is not None and (not isinstance(s, str) or not s) for s in scopes):
+            raise ValidationError("a scope is None (global) or a non-empty user_id string")
+        if len(set(fact_ids)) != n or any(f in self._ids for f in fact_ids):
+            raise ValidationError("fact ids must be unique within the pool")
+        if any(not isinstance(f, (int, str)) or isinstance(f, bool) for f in fact_ids):
+            raise ValidationError("fact ids must be ints or strings")
+
+    def _reserve(self, needed: int) -> None:
+        capacity = self._keys.shape[1]
+        if needed <= capacity:
+            return
+        new_cap = max(needed, 2 * capacity, 16)
+        grown_k = self._keys.new_zeros(len(self.layers), new_cap, self.n_kv_heads, self.head_dim)
+        grown_v = torch.zeros_like(grown_k)  # [L, new_cap, KVH, D]
+        grown_k[:, :capacity] = self._keys
+        grown_v[:, :capacity] = self._values
+        self._keys, self._values = grown_k, grown_v
+
+    def _touch(self) -> None:
+        self._version += 1
+        self._views.clear()
+
+    def _view(self, key: tuple, visible) -> PoolView:
+        cached = self._views.get(key)
+        if cached is not None:
+            return cached
+        n = len(self._ids)
+        rows = [i for i, scope in enumerate(self._scopes) if visible(scope)]
+        if len(rows) == n:  # everything visible: slices, no copy
+            keys, values = self._keys[:, :n], self._values[:, :n]  # [L, n, KVH, D]
+        else:
+            index = torch.tensor(rows, dtype=torch.long, device=self.device)
+            keys, values = self._keys.index_select(1, index), self._values.index_select(1, index)
+        view = PoolView(self.layers, keys, values, tuple(self._ids[i] for i in rows))
+        self._views[key] = view
+        return view
