@@ -69,19 +69,25 @@ class GistAttention(nn.Module):
         self.gate = nn.Parameter(torch.full((dims.n_heads,), float(config.gate_init))) \
             if config.gate_init is not None else None
 
+    def queries(self, attn: nn.Module, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The layer's own queries, as its self-attention makes them (+ the branch's LoRA)."""
+        B, T, _ = h.shape
+        q = attn.q_proj(h)  # [B, T, H*D]
+        if self.lora_q is not None:
+            q = q + self.lora_q(h)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        if isinstance(getattr(attn, "q_norm", None), nn.Module):
+            q = attn.q_norm(q)  # Gemma3: RMSNorm over D, before RoPE, as self-attention does
+        cos, sin = cos_sin
+        q, _ = rope_function(attn)(q, q[:, :1], cos, sin)  # [B, H, T, D]
+        return q
+
     def forward(self, attn: nn.Module, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 y: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 read: torch.Tensor | None, temperature: float) -> torch.Tensor:
         B, T, _ = h.shape
         H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = attn.q_proj(h)  # [B, T, H*D]
-        if self.lora_q is not None:
-            q = q + self.lora_q(h)
-        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
-        if isinstance(getattr(attn, "q_norm", None), nn.Module):
-            q = attn.q_norm(q)  # Gemma3: RMSNorm over D, before RoPE, as self-attention does
-        cos, sin = cos_sin
-        q, _ = rope_function(attn)(q, q[:, :1], cos, sin)  # [B, H, T, D]
+        q = self.queries(attn, h, cos_sin)  # [B, H, T, D]
         k = torch.cat([self.zero_key[None].to(keys.dtype), keys], dim=0)  # [N+1, KVH, D]
         v = F.pad(values, (0, 0, 0, 0, 1, 0))  # [N+1, KVH, D], row 0 = the zero-gist's zero value
         k = k.repeat_interleave(H // KVH, dim=1)  # [N+1, H, D], head h reads kv head h // (H/KVH)
@@ -215,13 +221,14 @@ class GistAddon(nn.Module):
     @classmethod
     def load(cls, directory: str | Path, model: nn.Module | None = None) -> GistAddon:
         """Read an add-on saved by save(); with `model`, check its dims and move to its device/dtype."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         directory = Path(directory)
         try:
             meta = json.loads((directory / CONFIG_FILE).read_text())
             tensors = load_file(str(directory / WEIGHTS_FILE))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SafetensorError) as exc:
             raise ConfigError(f"cannot read gist add-on in {directory}: {exc}") from exc
         if meta.get("format") != ADDON_FORMAT:
             raise ConfigError(f"gist add-on format {meta.get('format')} is not {ADDON_FORMAT}")

@@ -150,13 +150,13 @@ class GistPool:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> GistPool:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {})[META_KEY])
                 keys, values = f.get_tensor("keys"), f.get_tensor("values")
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, SafetensorError) as exc:
             raise ConfigError(f"cannot read gist pool {path}: {exc}") from exc
         if meta.get("format") != POOL_FORMAT:
             raise ConfigError(f"gist pool {path} has format {meta.get('format')}, expected {POOL_FORMAT}")
