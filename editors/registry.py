@@ -9,7 +9,7 @@ from memory.errors import ConfigError
 # method -> (module, editor class, config class)
 WEIGHT_EDITORS = {
     "ice": ("editors.ice", "ICEEditor", "ICEConfig"),
-    "ftm": ("editors.ft", "FTMEditor", "FTConfig"),
+    "ftm": ("editors.ft", "FTEditor", "FTConfig"),
 }
 
 

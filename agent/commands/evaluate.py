@@ -1,0 +1,65 @@
+"""`engram eval`: every method on the same stream of benchmark cases; results, curve, plots and a report."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from agent.commands.common import emit, load, note, open_store
+from agent.progress import progress
+
+
+def _configure_eval(p) -> None:
+    p.add_argument("--dataset", required=True, help="a benchmark file (KnowEdit, zsRE, CounterFact, MQuAKE, DUnE)")
+    p.add_argument("--format", default="auto", help="the file's format (default: detect it)")
+    p.add_argument("--n", type=int, default=100, help="number of cases (edits) in the stream")
+    p.add_argument("--methods", default="base,ftm,ice,gist,icl,rag", help="comma-separated: base,ftm,ice,gist,icl,rag")
+    p.add_argument("--protocol", default="sequential", choices=["single", "sequential", "retention"])
+    p.add_argument("--every", type=int, default=None, help="re-measure all cases so far every K edits (curve points)")
+    p.add_argument("--out", required=True, help="output directory (a rerun with the same DIR resumes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--fluency-n", type=int, default=10, help="measure fluency and PPL_r on the first N cases")
+    p.add_argument("--rag-k", type=int, default=10)
+    p.add_argument("--contexts", default="template", choices=["template", "local", "openai"],
+                   help="where ICE gets its paraphrase contexts during evaluation")
+
+
+def _contexts_fn(kind: str, loaded):
+    from agent.contexts import ContextConfig, contexts_for, make_generator
+
+    config = ContextConfig.from_env()
+    config.backend = kind
+    generator = make_generator(config, loaded_model=loaded if kind == "local" else None)
+    return lambda prompt, target: contexts_for(prompt, target, generator)[0]
+
+
+def cmd_eval(args) -> int:
+    from evaluation.harness import EvalConfig, Harness
+    from evaluation.report import write_all
+
+    config = EvalConfig(dataset=args.dataset, out=args.out, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+                        n=args.n, format=args.format, protocol=args.protocol, every=args.every, seed=args.seed,
+                        batch_size=args.batch_size, fluency_n=args.fluency_n, rag_k=args.rag_k)
+    store = open_store(args)
+    loaded = load(args)
+    started = time.perf_counter()
+    harness = Harness(config, loaded, contexts_fn=_contexts_fn(args.contexts, loaded), progress=progress)
+    note(f"{len(harness.cases)} cases from {args.dataset}; methods {', '.join(config.methods)}; protocol {config.protocol}")
+    runs = harness.run()
+    results = write_all(Path(args.out), config, loaded, runs, time.perf_counter() - started, store)
+    lines = [f"{'method':<6} " + " ".join(f"{k[:12]:>12}" for k in ("edit_success", "rephrase", "portability", "locality",
+                                                                   "edit_succ_gen", "port_gen", "s/edit"))]
+    for name, m in results["methods"].items():
+        if not m.get("available", True):
+            lines.append(f"{name:<6} unavailable: {m['reason']}")
+            continue
+        vals = [m.get(k) for k in ("edit_success", "rephrase", "portability", "locality", "edit_success_gen",
+                                   "portability_gen", "seconds_per_edit")]
+        lines.append(f"{name:<6} " + " ".join(f"{v:>12.3f}" if v is not None else f"{'-':>12}" for v in vals))
+    lines.append(f"wrote {args.out}/results.json, curve.csv, plots and report.html in {results['wall_seconds']:.0f} s")
+    emit(args, results, "\n".join(lines))
+    return 0
+
+
+COMMANDS = {"eval": (cmd_eval, _configure_eval, "run a continual-editing evaluation of every method on a benchmark")}

@@ -1,0 +1,239 @@
+"""The methods an evaluation compares on one stream of cases, behind one small protocol.
+
+A method learns cases (`learn`), rewrites the queries it is asked (`prompts`: ICL and RAG put facts in
+front, the others leave queries alone) and answers with `model` (weight editors change it in place).
+`checkpoint`/`restore` give the single-case protocol its undo; `reset` returns to the base model.
+Nothing here branches on a method's name: the table at the bottom maps names to classes.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from editors.base import EditRequest, restore, snapshot
+from evaluation.datasets import EditCase
+
+log = logging.getLogger(__name__)
+
+ContextsFn = Callable[[str, str], Sequence[str]]  # (prompt, target) -> paraphrase contexts
+
+
+@dataclass
+class Learned:
+    """What learning one case cost and whether every edit of it took."""
+
+    seconds: float = 0.0
+    steps: int = 0
+    ok: bool = True
+    error: str | None = None
+
+
+def statement(prompt: str, target: str) -> str:
+    return f"{prompt.strip()} {target.strip()}"
+
+
+class Method:
+    """The base model: learns nothing. Subclasses override what they change."""
+
+    name = "base"
+
+    def __init__(self, model, tokenizer, **_):
+        self.model, self.tokenizer = model, tokenizer
+
+    def unavailable(self) -> str | None:
+        """None when the method can run, else the reason it cannot (reported, never faked)."""
+        return None
+
+    def learn(self, case: EditCase) -> Learned:
+        return Learned()
+
+    def prompts(self, queries: Sequence[str]) -> list[str]:
+        return list(queries)
+
+    def checkpoint(self):
+        return None
+
+    def restore(self, token) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def save_state(self, path: Path) -> None:
+        pass
+
+    def load_state(self, path: Path, cases: Sequence[EditCase]) -> None:
+        pass
+
+
+class FactListMethod(Method):
+    """Shared by ICL and RAG: the facts learned so far, as statements."""
+
+    def __init__(self, model, tokenizer, **kw):
+        super().__init__(model, tokenizer)
+        self.statements: list[str] = []
+
+    def learn(self, case: EditCase) -> Learned:
+        for edit in case.edits:
+            self._add(statement(edit.prompt, edit.target))
+        return Learned()
+
+    def _add(self, text: str) -> None:
+        self.statements.append(text)
+
+    def checkpoint(self):
+        return len(self.statements)
+
+    def restore(self, token) -> None:
+        del self.statements[token:]
+
+    def reset(self) -> None:
+        self.restore(0)
+
+    def load_state(self, path: Path, cases: Sequence[EditCase]) -> None:
+        self.reset()  # the state of a fact list is the cases learned, so replay them
+        for case in cases:
+            self.learn(case)
+
+
+class ICLMethod(FactListMethod):
+    """Every learned fact in the prompt, cut (oldest first) to the context window with a warning."""
+
+    name = "icl"
+
+    def __init__(self, model, tokenizer, answer_tokens: int = 32, **kw):
+        super().__init__(model, tokenizer)
+        window = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        self.max_tokens = min(window, 8192) - answer_tokens
+
+    def prompts(self, queries: Sequence[str]) -> list[str]:
+        from editors.prompting import icl_prompt
+
+        return [icl_prompt(self.statements, q, self.tokenizer, self.max_tokens, style="completion").prompt
+                for q in queries]
+
+
+class RAGMethod(FactListMethod):
+    """The top-k learned facts by MiniLM similarity, through a FAISS inner-product index."""
+
+    name = "rag"
+
+    def __init__(self, model, tokenizer, rag_k: int = 10, embedder=None, **kw):
+        super().__init__(model, tokenizer)
+        self.k, self._embedder, self._index = rag_k, embedder, None
+
+    def _index_now(self):
+        if self._index is None:
+            from memory.vector import VectorIndex
+
+            self._index = VectorIndex(embedder=self._embedder)
+        return self._index
+
+    def _add(self, text: str) -> None:
+        self._index_now().add([len(self.statements)], [text])
+        self.statements.append(text)
+
+    def restore(self, token) -> None:
+        gone = range(token, len(self.statements))
+        if len(gone):
+            self._index_now().remove(list(gone))
+        del self.statements[token:]
+
+    def prompts(self, queries: Sequence[str]) -> list[str]:
+        from editors.prompting import rag_prompt
+
+        if not self.statements:
+            return list(queries)
+        index = self._index_now()
+        vectors = index.embedder.embed(list(queries))
+        hits = index.search_vectors(vectors, k=self.k)
+        return [rag_prompt([self.statements[i] for i, _ in found], q, style="completion")
+                for q, found in zip(queries, hits)]
+
+
+class WeightEditMethod(Method):
+    """ICE or FT-M: each case's edits applied in place to the live model, building on the last."""
+
+    def __init__(self, model, tokenizer, contexts_fn: ContextsFn | None = None, editor_overrides=None, **kw):
+        super().__init__(model, tokenizer)
+        self.contexts_fn = contexts_fn
+        self._overrides = editor_overrides or {}
+        self._editor = None
+        self._base: dict[str, torch.Tensor] | None = None
+
+    @property
+    def editor(self):
+        if self._editor is None:
+            from editors.registry import make_editor
+
+            self._editor = make_editor(self.name, self.model, self.tokenizer, **self._overrides)
+            self._base = snapshot(self.model, self._editor.parameter_names())
+        return self._editor
+
+    def unavailable(self) -> str | None:
+        try:
+            self.editor
+        except ImportError as exc:
+            return f"the {self.name} editor is not available: {exc}"
+        return None
+
+    def learn(self, case: EditCase) -> Learned:
+        done = Learned()
+        for edit in case.edits:
+            contexts = tuple(self.contexts_fn(edit.prompt, edit.target)) if self.contexts_fn else ()
+            result = self.editor.edit(EditRequest(edit.prompt, edit.target, contexts))
+            done.seconds += result.seconds
+            done.steps += result.steps
+            if not result.ok:
+                done.ok, done.error = False, result.error
+        return done
+
+    def checkpoint(self):
+        return snapshot(self.model, self.editor.parameter_names())
+
+    def restore(self, token) -> None:
+        restore(self.model, token)
+
+    def reset(self) -> None:
+        if self._base is not None:
+            restore(self.model, self._base)
+
+    def save_state(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.checkpoint().items()}, str(tmp))
+        tmp.replace(path)
+
+    def load_state(self, path: Path, cases: Sequence[EditCase]) -> None:
+        from safetensors.torch import load_file
+
+        self.restore(load_file(str(path)))
+
+
+class ICEMethod(WeightEditMethod):
+    name = "ice"
+
+
+class FTMMethod(WeightEditMethod):
+    name = "ftm"
+
+
+class GistMethod(Method):
+    """The InComeS gist pool; reported unavailable until a trained adapter for the model exists."""
+
+    name = "gist"
+
+    def unavailable(self) -> str | None:
+        try:
+            from editors.incomes import evaluation_method  # noqa: F401
+        except ImportError:
+            return "the InComeS gist pool has no trained adapter for this model yet (issue 5)"
+        return None
+
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Method, FTMMethod, ICEMethod, GistMethod, ICLMethod, RAGMethod)}

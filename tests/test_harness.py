@@ -1,0 +1,101 @@
+"""The evaluation harness end to end on a tiny config-built model and the project's own fixtures."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from editors.model import tiny_llama, tiny_tokenizer
+from evaluation.harness import EvalConfig, Harness
+from evaluation.report import write_all
+from memory.embeddings import HashEmbedder
+from memory.errors import ConfigError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "datasets"
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str = "tiny-llama"
+
+
+@pytest.fixture
+def loaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENGRAM_CACHE", str(tmp_path / "cache"))
+    model = tiny_llama()
+    model.config.max_position_embeddings = 256
+    return Loaded(model, tiny_tokenizer())
+
+
+def config(tmp_path, **kw):
+    base = dict(dataset=str(FIXTURES / "knowedit_zsre.json"), out=str(tmp_path / "out"), methods=["base", "icl", "rag", "gist"],
+                n=2, every=1, fluency_n=1, fluency_tokens=8, gen_tokens=4)
+    return EvalConfig(**{**base, **kw})
+
+
+def test_sequential_run_writes_every_output(tmp_path, loaded, store):
+    cfg = config(tmp_path)
+    harness = Harness(cfg, loaded, embedder=HashEmbedder(32))
+    runs = harness.run()
+    results = write_all(Path(cfg.out), cfg, loaded, runs, 1.0, store)
+    saved = json.loads((Path(cfg.out) / "results.json").read_text())
+    assert saved["protocol"] == "sequential" and saved["n_edits"] == 2
+    assert set(saved["methods"]) == {"base", "icl", "rag", "gist"}
+    assert saved["methods"]["gist"]["available"] is False and saved["methods"]["gist"]["edit_success"] is None
+    for name in ("base", "icl", "rag"):
+        summary = saved["methods"][name]
+        for key in ("edit_success", "rephrase", "portability", "locality", "edit_success_gen", "portability_gen"):
+            assert summary[key] is not None and 0.0 <= summary[key] <= 1.0, (name, key)
+        assert summary["fluency"] is not None and summary["pplr"] is not None
+    # the base model learns nothing, so its locality against itself is exactly 1
+    assert saved["methods"]["base"]["locality"] == 1.0
+    rows = list(csv.DictReader(open(Path(cfg.out) / "curve.csv")))
+    assert [r["n_edits"] for r in rows if r["method"] == "icl"] == ["1", "2"]
+    assert (Path(cfg.out) / "plot-edit_success.png").stat().st_size > 1000
+    assert "unavailable" in (Path(cfg.out) / "report.html").read_text()
+    from memory.models import EvalPoint
+
+    with store.transaction() as s:
+        assert s.query(EvalPoint).filter_by(run_id=results["eval_run_id"], method="icl").count() > 0
+
+
+def test_icl_prompt_carries_the_learned_facts(tmp_path, loaded):
+    from evaluation.methods import ICLMethod
+
+    harness = Harness(config(tmp_path), loaded)
+    icl = ICLMethod(loaded.model, loaded.tokenizer)
+    icl.learn(harness.cases[0])
+    prompt = icl.prompts(["The currency of Glorbania is"])[0]
+    assert harness.cases[0].target in prompt and prompt.endswith("The currency of Glorbania is")
+    icl.reset()
+    assert icl.prompts(["q"]) == ["q"]
+
+
+def test_a_killed_run_resumes_where_it_stopped(tmp_path, loaded, monkeypatch):
+    cfg = config(tmp_path, methods=["icl"], every=None)
+    first = Harness(cfg, loaded).run()["icl"]
+    points = Path(cfg.out) / "points-icl.jsonl"
+    lines = points.read_text().splitlines()
+    points.write_text(lines[0] + "\n")  # as if killed after the first case
+    from evaluation.methods import ICLMethod
+
+    learned = []
+    original = ICLMethod.learn
+    monkeypatch.setattr(ICLMethod, "learn", lambda self, case: learned.append(case.case_id) or original(self, case))
+    again = Harness(cfg, loaded).run()["icl"]
+    # case 1 is replayed into the fact list (not re-measured), case 2 is learned and measured anew
+    assert len(again.scores) == 2
+    assert [s.edit_success for s in again.scores] == [s.edit_success for s in first.scores]
+
+
+def test_bad_settings_are_refused(tmp_path):
+    with pytest.raises(ConfigError):
+        config(tmp_path, protocol="random")
+    with pytest.raises(ConfigError):
+        config(tmp_path, methods=["magic"])
