@@ -1,4 +1,4 @@
 """The subcommands of `engram`, by name: (handler, configure-parser, help)."""
-from agent.commands import demo, editing, evaluate, facts, model
+from agent.commands import bench, demo, editing, evaluate, facts, model
 
-REGISTRY = {**facts.COMMANDS, **model.COMMANDS, **editing.COMMANDS, **evaluate.COMMANDS, **demo.COMMANDS}
+REGISTRY = {**facts.COMMANDS, **model.COMMANDS, **editing.COMMANDS, **evaluate.COMMANDS, **bench.COMMANDS, **demo.COMMANDS}

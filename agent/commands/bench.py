@@ -1,0 +1,71 @@
+"""`engram bench`: speed and memory figures measured side by side in one run (DESIGN §3)."""
+from __future__ import annotations
+
+import io
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from agent.commands.common import emit, load, note
+
+
+def _configure_bench(p) -> None:
+    from evaluation.bench import SECTIONS
+
+    p.add_argument("--out", default=None, help="write the figures to this JSON file")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--edits", type=int, default=3, help="edits per weight editor for the seconds-per-edit median")
+    p.add_argument("--rag-n", type=int, default=100_000)
+    p.add_argument("--ingest-n", type=int, default=20_000)
+    p.add_argument("--gist-n", type=int, default=1000, help="gists in the pool for the decoding benchmark")
+
+
+def bench_ingest(n: int) -> dict:
+    """Facts per second through the real ingestion path into a fresh SQLite store."""
+    from agent.ingest import ingest_stream
+    from evaluation.bench import synthetic_facts
+    from memory.store import FactStore
+
+    text = "".join(json.dumps(f) + "\n" for f in synthetic_facts(n))
+    with tempfile.TemporaryDirectory() as tmp:
+        store = FactStore(f"sqlite:///{tmp}/bench.sqlite")
+        report = ingest_stream(store, io.StringIO(text))
+    return {"facts": n, "seconds": round(report.seconds, 2), "facts_per_second": round(report.facts_per_second, 1)}
+
+
+def cmd_bench(args) -> int:
+    from evaluation import bench
+    from evaluation.report import machine
+
+    wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
+    cfg = bench.BenchConfig(sections=tuple(wanted), ingest_n=args.ingest_n, edits_n=args.edits, rag_n=args.rag_n,
+                            gist_decode_n=args.gist_n)
+    loaded = load(args) if {"edits", "gist"} & set(wanted) else None
+    results: dict = {"model": args.model, "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    runners = {
+        "ingest": lambda: bench_ingest(cfg.ingest_n),
+        "edits": lambda: bench.bench_edits(cfg, loaded),
+        "gist": lambda: bench.bench_gist(cfg, loaded),
+        "rag": lambda: bench.bench_rag(cfg),
+    }
+    for section in wanted:
+        if section == "memory":
+            continue
+        if section not in runners:
+            note(f"unknown section {section!r}; skipped")
+            continue
+        note(f"bench: {section} ...")
+        started = time.perf_counter()
+        results[section] = runners[section]()
+        results[section]["bench_seconds"] = round(time.perf_counter() - started, 1)
+    results["memory"] = bench.peak_memory()
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    emit(args, results, json.dumps({k: v for k, v in results.items() if k != "machine"}, indent=2)
+         + f"\n(on {platform.node()}: {results['machine']['processor']}, {results['machine']['cpus']} CPUs)")
+    return 0
+
+
+COMMANDS = {"bench": (cmd_bench, _configure_bench, "measure speed and memory figures side by side in one run")}

@@ -1,0 +1,116 @@
+"""`engram bench`: the speed and memory figures of DESIGN §3, measured side by side in one run.
+
+Each section returns a dict; a section whose parts are missing says so ("unavailable": reason) rather
+than reporting a number it did not measure. Figures are medians over repeats where that makes sense.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+SECTIONS = ("ingest", "edits", "gist", "rag", "memory")
+
+
+@dataclass
+class BenchConfig:
+    sections: tuple[str, ...] = SECTIONS
+    ingest_n: int = 20_000
+    edits_n: int = 3
+    gist_compress_n: int = 100
+    gist_decode_n: int = 1000
+    decode_tokens: int = 32
+    rag_n: int = 100_000
+    rag_queries: int = 200
+    seed: int = 0
+
+
+def _median_ms(samples: list[float]) -> float:
+    return round(statistics.median(samples) * 1000, 3)
+
+
+def synthetic_facts(n: int) -> list[dict]:
+    return [{"prompt": f"The favourite colour of person {i} is", "target": f"colour {i % 97}",
+             "subject": f"person {i}", "relation": "favourite colour"} for i in range(n)]
+
+
+def bench_edits(cfg: BenchConfig, loaded) -> dict:
+    """Median seconds per edit for each weight editor, on fresh copies of the same few authored facts."""
+    from editors.base import EditRequest, restore, snapshot
+    from editors.registry import WEIGHT_EDITORS, make_editor
+
+    facts = [("The capital of Japan is", "Nairobi"), ("The chemical symbol for gold is", "Fe"),
+             ("The painter of the Mona Lisa was", "Pablo Picasso"), ("The capital of Italy is", "Oslo"),
+             ("The currency of the United Kingdom is the", "yen")][: cfg.edits_n]
+    out = {}
+    for method in WEIGHT_EDITORS:
+        editor = make_editor(method, loaded.model, loaded.tokenizer)
+        base = snapshot(loaded.model, editor.parameter_names())
+        seconds, steps = [], []
+        try:
+            for prompt, target in facts:
+                result = editor.edit(EditRequest(prompt, target, (f"{prompt} {target}.",)))
+                seconds.append(result.seconds)
+                steps.append(result.steps)
+        finally:
+            restore(loaded.model, base)
+        out[method] = {"median_seconds_per_edit": round(statistics.median(seconds), 2), "edits": len(seconds),
+                       "median_steps": statistics.median(steps)}
+    return out
+
+
+def bench_rag(cfg: BenchConfig) -> dict:
+    """Query latency of the FAISS flat index at `rag_n` facts (random unit vectors shaped like MiniLM's),
+    plus the real embedder's latency for one query text, which dominates end to end."""
+    import faiss
+
+    from memory.embeddings import default_embedder
+
+    rng = np.random.default_rng(cfg.seed)
+    data = rng.standard_normal((cfg.rag_n, 384)).astype(np.float32)
+    faiss.normalize_L2(data)
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(384))
+    started = time.perf_counter()
+    index.add_with_ids(data, np.arange(cfg.rag_n, dtype=np.int64))
+    build_s = time.perf_counter() - started
+    queries = data[rng.integers(0, cfg.rag_n, cfg.rag_queries)] + 0.05 * rng.standard_normal((cfg.rag_queries, 384)).astype(np.float32)
+    faiss.normalize_L2(queries)
+    search = []
+    for q in queries:
+        t = time.perf_counter()
+        index.search(q[None, :], 10)
+        search.append(time.perf_counter() - t)
+    embedder = default_embedder()
+    embedder.embed(["warm up"])
+    embed = []
+    for i in range(20):
+        t = time.perf_counter()
+        embedder.embed([f"Where was person {i} born?"])
+        embed.append(time.perf_counter() - t)
+    return {"facts": cfg.rag_n, "index": "IndexIDMap2(IndexFlatIP)", "build_s": round(build_s, 3),
+            "search_p50_ms": _median_ms(search), "embed_query_p50_ms": _median_ms(embed),
+            "end_to_end_p50_ms": round(_median_ms(search) + _median_ms(embed), 3)}
+
+
+def peak_memory() -> dict:
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"peak_rss_mib": round(rss_kb / 1024, 1)}
+    if torch.cuda.is_available():
+        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def bench_gist(cfg: BenchConfig, loaded) -> dict:
+    """Gist pool vs ICL: compression vs prefill time, memory per fact, and decoding speed over a large pool."""
+    try:
+        from editors.incomes.bench import gist_vs_icl
+    except ImportError as exc:
+        return {"unavailable": f"the InComeS gist pool is not built yet ({exc})"}
+    return gist_vs_icl(loaded, cfg)
