@@ -305,3 +305,42 @@ def test_default_model_empty_pool_is_bit_identical(default_model):
         addon.detach()
     assert torch.equal(model(**enc).logits, base)
     assert isinstance(CompressedGists, type)
+
+
+def _synthetic_facts(n: int):
+    from editors.incomes.traindata import Query, TrainFact
+
+    names = [f"Person{i}" for i in range(n)]
+    return [TrainFact(f"{p} lives in Town{i % 7}.", Query(f"{p} lives in", f"Town{i % 7}", "edit"),
+                      (Query(f"The home of {p} is", f"Town{i % 7}", "paraphrase"),),
+                      (Query("The sky is", "blue", "locality"),)) for i, p in enumerate(names)]
+
+
+def test_train_runs_resumes_and_saves(tmp_path):
+    import json
+
+    from editors.incomes.train import TrainConfig, train
+
+    facts = _synthetic_facts(30)
+    cfg = TrainConfig(steps=2, batch_size=2, chunk_sizes=(4, 8), chunk_probs=(0.5, 0.5), holdout=6, eval_every=2,
+                      eval_facts=6, save_every=1, warmup=1, compress_batch=8)
+    model = tiny_llama(vocab_size=VOCAB).requires_grad_(False)
+    base = model(IDS).logits
+    train(model, tiny_tokenizer(), facts, cfg, GistConfig(adapter_rank=2), tmp_path, command="test")
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2]
+    assert all(math_ok(r["loss"]) for r in lines if "loss" in r)
+    assert "edit_success" in lines[-1]["heldout"]
+    longer = TrainConfig(**{**cfg.__dict__, "steps": 3})
+    addon = train(model, tiny_tokenizer(), facts, longer, GistConfig(adapter_rank=2), tmp_path, command="test")
+    steps = [json.loads(line).get("step") for line in (tmp_path / "log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3]  # resumed at step 2, not restarted
+    saved = json.loads((tmp_path / "addon" / "gist_addon.json").read_text())
+    assert saved["extra"]["command"] == "test" and saved["extra"]["steps"] == 3
+    assert torch.equal(model(IDS).logits, base)  # detached after training: the base is untouched
+    assert not torch.equal(addon.gist_embedding, GistAddon.for_model(model).gist_embedding)
+
+
+def math_ok(x: float) -> bool:
+    return x == x and abs(x) != float("inf")

@@ -40,6 +40,16 @@ WEIGHTS_FILE = "gist_addon.safetensors"
 CONFIG_FILE = "gist_addon.json"
 
 
+def replace_directory(tmp: Path, directory: Path) -> None:
+    """Put the finished directory `tmp` in place of `directory` (renames only; the old one is dropped)."""
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 class LoRA(nn.Module):
     """x -> alpha/rank * B(A(x)). B starts at zero, so a fresh adapter changes nothing."""
 
@@ -207,12 +217,7 @@ class GistAddon(nn.Module):
             meta = {"format": ADDON_FORMAT, "config": self.config.to_dict(), "dims": self.dims.to_dict(),
                     "extra": extra or {}}
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-            old = directory.with_name(directory.name + ".old")
-            if directory.exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_directory(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
