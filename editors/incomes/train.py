@@ -165,6 +165,8 @@ def train(model, tokenizer, facts, cfg: TrainConfig, gist_cfg: GistConfig, run_d
     if resume and (run_dir / "checkpoint" / "state.json").exists():
         addon, opt, start = load_checkpoint(run_dir, model, _optimizer)
         log.info("resuming %s at step %d", run_dir, start)
+        if addon.config != gist_cfg:
+            log.warning("resuming with the checkpoint's gist config %s, not %s", addon.config, gist_cfg)
     else:
         addon = GistAddon.for_model(model, gist_cfg)
         opt, start = _optimizer(addon), 0
@@ -206,7 +208,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-facts", type=int, default=None, help="use only the first N facts (smoke runs)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--adapter-rank", type=int, default=8)
-    p.add_argument("--gate-init", type=float, default=None)
+    p.add_argument("--gate-init", type=float, default=0.0,
+                   help="per-head gate on the gist output; 0 starts exactly at the base model (PEFT-style); "
+                        "pass nan for no gate (the paper's ungated branch)")
     p.add_argument("--log-level", default="INFO")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -230,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         from editors.model import load_model
 
         cfg = TrainConfig(**values)
-        gist_cfg = GistConfig(adapter_rank=args.adapter_rank, gate_init=args.gate_init)
+        gate = None if args.gate_init != args.gate_init else args.gate_init  # nan -> no gate
+        gist_cfg = GistConfig(adapter_rank=args.adapter_rank, gate_init=gate)
         facts = load_train_facts(args.data_root)[: args.max_facts]
         loaded = load_model(args.model, args.device)
         log.info("model %s on %s; %d facts", loaded.name, loaded.device, len(facts))
