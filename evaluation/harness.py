@@ -96,7 +96,8 @@ class Harness:
     def run_method(self, name: str) -> MethodRun:
         seed_everything(self.config.seed)
         method = METHODS[name](self.loaded.model, self.loaded.tokenizer, contexts_fn=self.contexts_fn,
-                               rag_k=self.config.rag_k, **self.method_options)
+                               rag_k=self.config.rag_k, model_name=self.loaded.name,
+                               **self.method_options)
         reason = method.unavailable()
         if reason:
             log.warning("%s: %s", name, reason)

@@ -111,6 +111,10 @@ class Scorer:
                                batch_size=self.config.batch_size, stop_at_newline=stop_at_newline)
 
     def score(self, method, case: EditCase, generation: bool = True, with_fluency: bool = False) -> CaseScore:
+        with method.active():
+            return self._score(method, case, generation, with_fluency)
+
+    def _score(self, method, case: EditCase, generation: bool, with_fluency: bool) -> CaseScore:
         edits = [(e.prompt, e.target) for e in case.edits]
         rephrases = [(r, case.target) for r in case.rephrases]
         portability = [(p.prompt, p.answer) for p in case.portability if p.answer]

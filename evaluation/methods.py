@@ -7,6 +7,7 @@ Nothing here branches on a method's name: the table at the bottom maps names to 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,10 @@ class Method:
 
     def prompts(self, queries: Sequence[str]) -> list[str]:
         return list(queries)
+
+    def active(self):
+        """A context the method's forwards run inside (the gist pool reads there)."""
+        return contextlib.nullcontext()
 
     def checkpoint(self):
         return None
@@ -224,16 +229,67 @@ class FTMMethod(WeightEditMethod):
 
 
 class GistMethod(Method):
-    """The InComeS gist pool; reported unavailable until a trained adapter for the model exists."""
+    """The InComeS gist pool: each learned fact is compressed into one row; queries read the pool."""
 
     name = "gist"
 
+    def __init__(self, model, tokenizer, model_name: str = "smollm2-135m", gist_addon=None, **kw):
+        super().__init__(model, tokenizer)
+        self._model_name, self._addon_source, self._memory, self._reason = model_name, gist_addon, None, None
+        self._count = 0
+
+    @property
+    def memory(self):
+        if self._memory is None:
+            from editors.incomes.memory import GistMemory
+            from editors.incomes.modules import GistAddon
+
+            if isinstance(self._addon_source, GistAddon):
+                self._memory = GistMemory(self.model, self.tokenizer, self._addon_source)
+            else:
+                self._memory = GistMemory.open(self.model, self.tokenizer, self._model_name, self._addon_source)
+        return self._memory
+
     def unavailable(self) -> str | None:
+        from memory.errors import ConfigError
+
         try:
-            from editors.incomes import evaluation_method  # noqa: F401
-        except ImportError:
-            return "the InComeS gist pool has no trained adapter for this model yet (issue 5)"
+            self.memory
+        except ConfigError as exc:
+            return str(exc)
         return None
+
+    def learn(self, case: EditCase) -> Learned:
+        import time
+
+        started = time.perf_counter()
+        texts = [statement(e.prompt, e.target) for e in case.edits]
+        self.memory.add(list(range(self._count, self._count + len(texts))), texts)
+        self._count += len(texts)
+        return Learned(seconds=time.perf_counter() - started)
+
+    def active(self):
+        return self.memory.reading()
+
+    def checkpoint(self):
+        return self._count
+
+    def restore(self, token) -> None:
+        for fact_id in range(token, self._count):
+            self.memory.remove(fact_id)
+        self._count = token
+
+    def reset(self) -> None:
+        if self._memory is not None:
+            self.restore(0)
+            self._memory.close()
+            self._memory = None
+        self._count = 0
+
+    def load_state(self, path: Path, cases: Sequence[EditCase]) -> None:
+        self.restore(0)  # compression is deterministic: replaying the learned cases rebuilds the pool
+        for case in cases:
+            self.learn(case)
 
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Method, FTMMethod, ICEMethod, GistMethod, ICLMethod, RAGMethod)}

@@ -48,6 +48,7 @@ def test_sequential_run_writes_every_output(tmp_path, loaded, store):
     assert saved["protocol"] == "sequential" and saved["n_edits"] == 2
     assert set(saved["methods"]) == {"base", "icl", "rag", "gist"}
     assert saved["methods"]["gist"]["available"] is False and saved["methods"]["gist"]["edit_success"] is None
+    assert "no trained gist add-on" in saved["methods"]["gist"]["reason"]
     for name in ("base", "icl", "rag"):
         summary = saved["methods"][name]
         for key in ("edit_success", "rephrase", "portability", "locality", "edit_success_gen", "portability_gen"):
@@ -99,3 +100,19 @@ def test_bad_settings_are_refused(tmp_path):
         config(tmp_path, protocol="random")
     with pytest.raises(ConfigError):
         config(tmp_path, methods=["magic"])
+
+
+def test_gist_route_runs_through_the_harness(tmp_path, loaded):
+    """An untrained add-on on the tiny model: proves the plumbing (pool grows, is read, is emptied), not quality."""
+    from editors.incomes import GistAddon, GistConfig
+
+    addon = GistAddon.for_model(loaded.model, GistConfig())
+    cfg = config(tmp_path, methods=["base", "gist"], protocol="single", every=None)
+    runs = Harness(cfg, loaded, gist_addon=addon).run()
+    gist, base = runs["gist"], runs["base"]
+    assert gist.available and len(gist.scores) == 2
+    # the pool is emptied after each single-case measurement and detached at the end: base logits are back
+    assert not addon.attached
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.equal(loaded.model(ids).logits, tiny_llama()(ids).logits)
+    assert [s.case_id for s in gist.scores] == [s.case_id for s in base.scores]

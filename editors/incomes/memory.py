@@ -1,0 +1,72 @@
+"""GistMemory: the gist route as the agent and the evaluation use it.
+
+It loads the trained add-on shipped for a model (or one given by path), attaches it to the live model,
+and keeps one GistPool of compressed facts: `add` compresses facts (one batched forward, no backward)
+and appends their rows, `remove` drops exactly one row, `reading(user_id)` lets the forwards inside
+read global facts plus that user's. With no rows visible the model is bit-identical to the base model.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from editors.incomes.compress import add_gist_token, compress_texts
+from editors.incomes.modules import CONFIG_FILE, GistAddon
+from editors.incomes.pool import GistPool
+from memory.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ADDON_ROOT = Path(__file__).resolve().parent / "addons"
+
+
+def default_addon_dir(model_name: str) -> Path | None:
+    """The add-on committed for a packaged model (e.g. addons/smollm2-135m/), if one has been trained."""
+    path = ADDON_ROOT / Path(model_name).name
+    return path if (path / CONFIG_FILE).exists() else None
+
+
+class GistMemory:
+    def __init__(self, model, tokenizer, addon: GistAddon, compress_batch: int = 32):
+        self.model, self.tokenizer, self.addon = model, tokenizer, addon
+        self.compress_batch = compress_batch
+        addon.attach(model, add_gist_token(tokenizer))
+        self.pool = GistPool.for_addon(addon)
+
+    @classmethod
+    def open(cls, model, tokenizer, model_name: str, addon_dir: str | Path | None = None) -> "GistMemory":
+        """Load the add-on for `model_name` (or from `addon_dir`); a clear error when there is none."""
+        directory = Path(addon_dir) if addon_dir else default_addon_dir(model_name)
+        if directory is None or not directory.exists():
+            raise ConfigError(f"no trained gist add-on for model {model_name!r}: train one with "
+                              "`python -m editors.incomes.train` and pass its directory")
+        return cls(model, tokenizer, GistAddon.load(directory, model))
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def add(self, fact_ids: Sequence, texts: Sequence[str], scopes: str | None | Sequence[str | None] = None) -> None:
+        """Compress `texts` and append one row per fact; the other rows are never recomputed."""
+        if not texts:
+            return
+        gists = compress_texts(self.model, self.tokenizer, self.addon, list(texts), batch_size=self.compress_batch)
+        self.pool.append(list(fact_ids), gists, scopes=scopes)
+
+    def remove(self, fact_id) -> None:
+        self.pool.remove(fact_id)
+
+    @contextmanager
+    def reading(self, user_id: str | None = None):
+        with self.pool.activate(self.addon, user_id):
+            yield self
+
+    def save(self, path: str | Path) -> Path:
+        return self.pool.save(path)
+
+    def load(self, path: str | Path) -> None:
+        self.pool = GistPool.load(path, self.addon.gist_embedding.device)
+
+    def close(self) -> None:
+        self.addon.detach()
