@@ -1,0 +1,118 @@
+"""Gist pool against ICL, side by side on one model: compression vs prefill time, memory per fact, and
+decoding speed with N facts (gists in the pool vs facts in a prefilled KV cache).
+
+Speed and memory do not depend on what the add-on learned, so an untrained add-on is used when no
+trained one exists; the result says which.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from editors.incomes.memory import GistMemory, default_addon_dir
+from editors.incomes.modules import GistAddon
+
+
+def _facts(n: int) -> list[str]:
+    return [f"The favourite colour of person number {i} is colour {i % 97}." for i in range(n)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _cache_kw(model) -> str:
+    """transformers 5.2x renamed `past_key_values` to `cache`; use whichever this version's forward takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
+@torch.no_grad()
+def _decode_ms_per_token(model, input_ids: torch.Tensor, past, tokens: int) -> float:
+    """Greedy decoding from an already prefilled cache; the median ms of one new token."""
+    device = input_ids.device
+    next_id = input_ids[:, -1:]
+    times = []
+    for _ in range(tokens):
+        _sync(device)
+        t = time.perf_counter()
+        out = model(input_ids=next_id, use_cache=True, **{_cache_kw(model): past})
+        past = _cache_of(out)
+        next_id = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+@torch.no_grad()
+def _prefill(model, ids: torch.Tensor):
+    device = ids.device
+    _sync(device)
+    t = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True)
+    _sync(device)
+    return _cache_of(out), time.perf_counter() - t
+
+
+def kv_bytes_per_token(model) -> int:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    element = next(model.parameters()).element_size()
+    return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * element
+
+
+@torch.no_grad()
+def gist_vs_icl(loaded, cfg) -> dict:
+    model, tok = loaded.model, loaded.tokenizer
+    device = next(model.parameters()).device
+    trained = default_addon_dir(loaded.name)
+    addon = GistAddon.load(trained, model) if trained else GistAddon.for_model(model)
+    memory = GistMemory(model, tok, addon)
+    try:
+        out: dict = {"addon": str(trained) if trained else "untrained (speed and memory only)",
+                     "device": str(device)}
+        # 1. compress N facts vs prefill the same N facts for ICL
+        facts = _facts(cfg.gist_compress_n)
+        _sync(device)
+        t = time.perf_counter()
+        memory.add(list(range(len(facts))), facts)
+        _sync(device)
+        out["compress_seconds"] = round(time.perf_counter() - t, 3)
+        block = "Facts:\n" + "".join(f"- {f}\n" for f in facts)
+        ids = tok(block, return_tensors="pt")["input_ids"].to(device)
+        _, prefill_s = _prefill(model, ids)
+        out["icl_prefill_seconds"] = round(prefill_s, 3)
+        out["compress_facts"] = len(facts)
+        # 2. memory per fact
+        tokens_per_fact = ids.shape[1] / len(facts)
+        icl_bytes = tokens_per_fact * kv_bytes_per_token(model)
+        out["gist_bytes_per_fact"] = memory.pool.bytes_per_fact()
+        out["icl_kv_bytes_per_fact"] = round(icl_bytes)
+        out["memory_ratio"] = round(icl_bytes / memory.pool.bytes_per_fact(), 1)
+        # 3. decoding with N facts: gists in the pool vs facts in a prefilled cache
+        n = cfg.gist_decode_n
+        more = _facts(n)[len(facts):]
+        memory.add(list(range(len(facts), n)), more)
+        question = tok("The favourite colour of person number 7 is", return_tensors="pt")["input_ids"].to(device)
+        with memory.reading():
+            past, _ = _prefill(model, question)
+            out["gist_ms_per_token"] = round(_decode_ms_per_token(model, question, past, cfg.decode_tokens), 2)
+        block = "Facts:\n" + "".join(f"- {f}\n" for f in _facts(n)) + "\nThe favourite colour of person number 7 is"
+        ids = tok(block, return_tensors="pt")["input_ids"].to(device)
+        past, prefill_s = _prefill(model, ids)
+        out["icl_context_tokens"] = int(ids.shape[1])
+        out["icl_prefill_seconds_n"] = round(prefill_s, 2)
+        out["icl_ms_per_token"] = round(_decode_ms_per_token(model, ids, past, cfg.decode_tokens), 2)
+        out["decode_facts"] = n
+        out["decode_speedup"] = round(out["icl_ms_per_token"] / out["gist_ms_per_token"], 2)
+        return out
+    finally:
+        memory.close()
