@@ -40,3 +40,18 @@ def load_state(args):
     if n:
         note(f"replayed {n} recorded edit(s); model version {state.version}")
     return store, loaded, state
+
+
+def open_gist(args, store, loaded, required: bool = False):
+    """The store's gist pool on the live model, or None when the store has no gist facts (and none is required)."""
+    from editors.gist_state import GIST, GistState
+    from editors.incomes.memory import GistMemory
+
+    if not required and not store.counts()["edits"].get(GIST, {}).get("applied"):
+        return None
+    memory = GistMemory.open(loaded.model, loaded.tokenizer, loaded.name, getattr(args, "gist_addon", None))
+    gist = GistState(store, memory)
+    n = gist.open()
+    if n:
+        note(f"gist pool: {n} fact(s), {memory.pool.bytes_per_fact()} bytes each")
+    return gist

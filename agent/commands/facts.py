@@ -10,8 +10,11 @@ def _configure_ingest(p) -> None:
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "csv"])
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--contexts", action="store_true", help="generate paraphrase contexts for the new facts")
+    p.add_argument("--route", default="store", choices=["store", "gist"],
+                   help="store only (edit later with `engram edit`), or compress the new facts into the gist pool now")
+    p.add_argument("--gist-addon", default=None, help="directory of a trained gist add-on (default: the shipped one)")
     p.add_argument("--generator", default="auto", choices=["auto", "openai", "local", "template"],
-                   help="context generator: auto = OpenAI-compatible if ENGRAM_CONTEXTS_BASE_URL is set, else the local model")
+                   help="context generator: auto = OpenAI-compatible if ENGRAM_CONTEXT_BASE_URL is set, else the local model")
 
 
 def cmd_ingest(args) -> int:
@@ -22,19 +25,36 @@ def cmd_ingest(args) -> int:
     store = open_store(args)
     report = ingest_path(store, args.file, args.format, args.batch_size)
     payload = report.to_json()
+    loaded = None
+    if args.route == "gist" and report.fact_ids:
+        from agent.commands.common import load_state
+
+        _, loaded, _ = load_state(args)  # gists are compressed by the live (edited) model
     if args.contexts and report.fact_ids:
         from agent.enrich import enrich, generator_from_args
 
-        loaded = load(args) if args.generator in ("auto", "local") else None
+        if loaded is None and args.generator in ("auto", "local"):
+            loaded = load(args)
         generator = generator_from_args(args.generator, loaded)
         facts = [store.get_fact(i) for i in report.fact_ids]
         made = enrich(store, [f for f in facts if f.status == "active"], generator)
         payload["contexts"] = {"facts": made.facts, "contexts": made.contexts, "failures": made.failures}
+    if args.route == "gist" and report.fact_ids:
+        from agent.commands.common import open_gist
+
+        gist = open_gist(args, store, loaded, required=True)
+        facts = [f for f in (store.get_fact(i) for i in report.fact_ids) if f.status == "active"]
+        for old in gist.stale():
+            gist.remove(old, reason="superseded or deleted")
+        seconds = gist.add(facts)
+        payload["gist"] = {"added": len(facts), "pool": len(gist.memory), "seconds": round(seconds, 3)}
     if not args.json:
         for error in report.errors:
             note(f"line {error.line}: {error.reason}")
         note(f"{report.facts_per_second:,.0f} facts/s over {report.seconds:.2f} s")
     text = report.summary()
+    if "gist" in payload:
+        text += f"\ngist pool: +{payload['gist']['added']} fact(s), {payload['gist']['pool']} in all"
     if "contexts" in payload:
         c = payload["contexts"]
         text += f"\ncontexts: {c['contexts']} for {c['facts']} facts ({c['failures']} generator failures)"

@@ -1,0 +1,61 @@
+"""The gist route of a store: facts compressed into the pool, persisted, reconciled after a crash."""
+from __future__ import annotations
+
+import torch
+
+from editors.gist_state import GistState
+from editors.incomes import GistAddon, GistConfig
+from editors.incomes.memory import GistMemory
+from editors.model import tiny_llama, tiny_tokenizer
+from memory.facts import FactInput
+
+
+def memory_for(model, tokenizer, addon):
+    return GistMemory(model, tokenizer, addon)
+
+
+def test_add_persist_reconcile_and_remove(store):
+    model, tok = tiny_llama(), tiny_tokenizer()
+    addon = GistAddon.for_model(model, GistConfig())
+    ids = store.add_facts([FactInput(prompt="Ann lives in", target="Oslo"),
+                           FactInput(text="Bob's dog is called Rex.", scope="user", user_id="bob")]).new_ids
+    state = GistState(store, memory_for(model, tok, addon))
+    assert state.open() == 0
+    state.add([store.get_fact(i) for i in ids])
+    assert store.counts()["edits"] == {"gist": {"applied": 2}}
+    assert state.memory.pool.scope_of(ids[1]) == "bob"
+    keys = state.memory.pool.view_all().keys.clone()
+    state.memory.close()
+
+    # a restart: the pool comes back from its file, identical
+    again = GistState(store, memory_for(model, tok, GistAddon.for_model(model, GistConfig())))
+    again.memory.addon.load_state_dict(addon.state_dict())
+    assert again.open() == 2
+    assert torch.equal(again.memory.pool.view_all().keys, keys)
+
+    # a crash after the pool file was written but before the rows were committed: the stray row goes
+    stray = store.add_facts([FactInput(prompt="Cid works at", target="Acme")]).new_ids[0]
+    again.memory.add([stray], ["Cid works at Acme"])
+    again.memory.save(again.path)
+    again.memory.close()
+    third = GistState(store, memory_for(model, tok, addon))
+    assert third.open() == 2 and stray not in third.memory.pool
+
+    third.remove(ids[0])
+    assert ids[0] not in third.memory.pool
+    assert store.counts()["edits"]["gist"] == {"applied": 1, "rolled_back": 1}
+    third.memory.close()
+
+
+def test_missing_pool_file_is_rebuilt_from_the_store(store):
+    model, tok = tiny_llama(), tiny_tokenizer()
+    addon = GistAddon.for_model(model, GistConfig())
+    ids = store.add_facts([FactInput(prompt="Ann lives in", target="Oslo")]).new_ids
+    state = GistState(store, memory_for(model, tok, addon))
+    state.open()
+    state.add([store.get_fact(ids[0])])
+    state.memory.close()
+    state.path.unlink()
+    rebuilt = GistState(store, memory_for(model, tok, addon))
+    assert rebuilt.open() == 1 and ids[0] in rebuilt.memory.pool
+    rebuilt.memory.close()
