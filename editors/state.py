@@ -17,6 +17,7 @@ import logging
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,6 +207,16 @@ class ModelState:
             self.store.set_meta(MODEL_VERSION_KEY, str(version), session=s)
         self._replay()
         return version
+
+    @contextmanager
+    def unedited(self):
+        """Inside, the model answers with its base weights (for baselines); the edits come back after."""
+        live = snapshot(self.model, list(self._base))
+        restore(self.model, self._base)
+        try:
+            yield self.model
+        finally:
+            restore(self.model, live)
 
     # -- housekeeping -----------------------------------------------------------------------------
     def pending_facts(self, limit: int | None = None, retry_failed: bool = False) -> list[Fact]:

@@ -137,3 +137,15 @@ def test_export_writes_a_loadable_model(store, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     ids = torch.tensor([[1, 2, 3]])
     assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_unedited_gives_base_weights_and_then_the_edits_back(store):
+    model = tiny_llama()
+    base = weights(model)
+    state = ModelState(store, model)
+    add(store, "alpha")
+    state.apply(state.pending_facts()[0], NudgeEditor(model), "ftm")
+    edited = weights(model)
+    with state.unedited():
+        assert same(weights(model), base)
+    assert same(weights(model), edited)
