@@ -3,20 +3,78 @@
 Per query token: loss = w * CE_student + KL(teacher || student), with
 w = max(0, CE_teacher_without_fact - CE_teacher_with_fact) on answer tokens (0 elsewhere).
 The teacher is the frozen base model (the same model with no pool: bit-identical) fed
-`[fact text, "\n", query]`; the student reads the query alone with a pool of gists. Locality queries
+`[fact text, "\\n", query]`; the student reads the query alone with a pool of gists. Locality queries
 use the no-fact teacher, so the student learns to "attend to nothing" (w = 0 there).
 P below is the number of scored query positions in a batch, V the vocabulary.
+
+Queries are tokenised as evaluation/metrics.py does (`encode_target`: the ids of `prompt + " " +
+answer`, the answer starting where they leave the prompt's own ids), so the held-out numbers are the
+harness's teacher-forced edit success, rephrase and locality. Tokenisation is memoised (`Tokens`), and
+only the scored positions go through the LM head, in float32 (also under bf16 autocast).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
-from editors.incomes.compress import compress_texts
+from editors.incomes.compress import compress_ids
+from editors.incomes.introspect import find_layer_stack
 from editors.incomes.traindata import Query, TrainFact
+from evaluation.metrics import join_prompt_target
+
+
+class Tokens:
+    """Memoised token ids: fact texts (with the tokenizer's special tokens) and queries (ids, answer start).
+
+    `warm()` tokenises many strings in one batched call, which is far faster than one call per string.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.prefix = list(tokenizer("")["input_ids"])  # [] or [BOS]: what the tokenizer puts first
+        self.newline = list(tokenizer("\n", add_special_tokens=False)["input_ids"])
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._texts: dict[str, list[int]] = {}
+        self._queries: dict[tuple[str, str], tuple[list[int], int]] = {}
+
+    def text(self, text: str) -> list[int]:
+        ids = self._texts.get(text)
+        if ids is None:
+            ids = self._texts[text] = list(self.tokenizer(text)["input_ids"])
+        return ids
+
+    def query(self, prompt: str, answer: str) -> tuple[list[int], int]:
+        """(ids of prompt + " " + answer, index of the answer's first token), as metrics.encode_target."""
+        key = (prompt, answer)
+        hit = self._queries.get(key)
+        if hit is None:
+            hit = self._queries[key] = self._split(self.text(join_prompt_target(prompt, answer)), self.text(prompt))
+        return hit
+
+    @staticmethod
+    def _split(ids: list[int], head: list[int]) -> tuple[list[int], int]:
+        start = 0
+        while start < min(len(ids), len(head)) and ids[start] == head[start]:
+            start += 1
+        start = max(start, 1)  # the first token has no logits before it
+        if start >= len(ids):
+            start = len(ids) - 1  # degenerate (answer merged away): score the last token
+        return ids, start
+
+    def warm(self, texts: Iterable[str], queries: Iterable[Query] = (), chunk: int = 4096) -> None:
+        """Tokenise every fact text and query (prompt, and prompt + answer) in a few batched calls."""
+        wanted = set(texts)
+        for q in queries:
+            wanted.update((q.prompt, join_prompt_target(q.prompt, q.answer)))
+        todo = sorted(t for t in wanted if t not in self._texts)
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            for text, ids in zip(part, self.tokenizer(part)["input_ids"]):
+                self._texts[text] = list(ids)
 
 
 @dataclass
@@ -34,52 +92,82 @@ class Encoded:
     t_cols: torch.Tensor | None = None  # [P]
 
 
-def _pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, T]
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-    return ids.to(device), mask.to(device)
+def _pad(rows: list[list[int]], pad_id: int, device, width: int | None = None):
+    """Right-padded [B, T] ids and mask, built as one tensor (no per-row tensor ops)."""
+    width = width or max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)  # [B, T]
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)  # [B, T]
+    return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
 
-def encode(tokenizer, queries: Sequence[Query], fact_texts: Sequence[str] | None, device) -> Encoded:
-    """Token ids for student (and teacher, when fact_texts is given), with aligned scored positions."""
-    prefix = tokenizer("")["input_ids"]  # [] or [BOS]: whatever the tokenizer puts first
-    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    students, teachers, cols = [], [], {k: [] for k in ("rows", "s", "t", "tgt", "ans", "fact", "q")}
+def encode(tokens, queries: Sequence[Query], fact_texts: Sequence[str] | None, device) -> Encoded:
+    """Token ids for student (and teacher, when fact_texts is given), with aligned scored positions.
+    `tokens` is a `Tokens` (or a tokenizer, wrapped in a fresh one)."""
+    if not isinstance(tokens, Tokens):
+        tokens = Tokens(tokens)
+    n_prefix = len(tokens.prefix)
+    students, teachers = [], []
+    rows, s_cols, t_cols, tgt, ans, fact = [], [], [], [], [], []
     for b, q in enumerate(queries):
-        prompt = tokenizer(q.prompt, add_special_tokens=False)["input_ids"]
-        query = prompt + tokenizer(" " + q.answer, add_special_tokens=False)["input_ids"]
-        students.append(prefix + query)
-        fact = (tokenizer(fact_texts[b])["input_ids"] + newline) if fact_texts is not None else []
-        teachers.append(fact + query)
-        for j in range(0 if prefix else 1, len(query)):
-            cols["rows"].append(b), cols["s"].append(len(prefix) + j - 1), cols["t"].append(len(fact) + j - 1)
-            cols["tgt"].append(query[j]), cols["ans"].append(j >= len(prompt))
-            cols["fact"].append(q.kind != "locality"), cols["q"].append(b)
-    s_ids, s_mask = _pad(students, pad, device)
-    enc = Encoded(s_ids, s_mask, *(torch.tensor(cols[k], device=device) for k in ("rows", "s", "tgt")),
-                  torch.tensor(cols["ans"], device=device), torch.tensor(cols["fact"], device=device),
-                  torch.tensor(cols["q"], device=device))
+        ids, start = tokens.query(q.prompt, q.answer)
+        students.append(ids)
+        head = (tokens.text(fact_texts[b]) + tokens.newline) if fact_texts is not None else []
+        teachers.append(head + ids[n_prefix:])
+        shift = len(head) - n_prefix  # teacher position = student position + shift
+        first = max(1, n_prefix)
+        n = len(ids) - first
+        rows += [b] * n
+        s_cols += range(first - 1, len(ids) - 1)
+        t_cols += range(first - 1 + shift, len(ids) - 1 + shift)
+        tgt += ids[first:]
+        ans += [j >= start for j in range(first, len(ids))]
+        fact += [q.kind != "locality"] * n
+    s_ids, s_mask = _pad(students, tokens.pad, device)
+    as_t = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype).to(device, non_blocking=True)  # noqa: E731
+    enc = Encoded(s_ids, s_mask, as_t(rows), as_t(s_cols), as_t(tgt), as_t(ans, torch.bool),
+                  as_t(fact, torch.bool), as_t(rows))
     if fact_texts is not None:
-        enc.teacher_ids, enc.teacher_mask = _pad(teachers, pad, device)
-        enc.t_cols = torch.tensor(cols["t"], device=device)
+        enc.teacher_ids, enc.teacher_mask = _pad(teachers, tokens.pad, device)
+        enc.t_cols = as_t(t_cols)
     return enc
 
 
+def _logits_at(model, ids, mask, rows, cols) -> torch.Tensor:
+    """float32 logits [P, V] at (rows, cols) only: the decoder, then the LM head on P positions."""
+    decoder, _ = find_layer_stack(model)
+    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [B, T, C]
+    h = hidden[rows, cols]  # [P, C]
+    head = model.get_output_embeddings()
+    autocast_off = torch.autocast(h.device.type, enabled=False) if torch.is_autocast_enabled(h.device.type) \
+        else contextlib.nullcontext()
+    with autocast_off:
+        bias = head.bias.float() if getattr(head, "bias", None) is not None else None
+        logits = F.linear(h.float(), head.weight.float(), bias)  # [P, V]
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap  # Gemma's final soft cap, as its ForCausalLM applies it
+    return logits
+
+
 def _logp(model, ids, mask, rows, cols) -> torch.Tensor:
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, T, V]
-    return logits[rows, cols].float().log_softmax(dim=-1)  # [P, V]
+    return _logits_at(model, ids, mask, rows, cols).log_softmax(dim=-1)  # [P, V]
 
 
 @torch.no_grad()
 def teacher_targets(model, addon, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
-    """(teacher log-probs [P, V], token weights w [P]) from the frozen base (no pool is read)."""
+    """(teacher log-probs [P, V], token weights w [P]) from the frozen base (no pool is read).
+
+    The with-fact and without-fact sequences go through one forward (stacked, padded to one width)."""
+    B, P = enc.student_ids.shape[0], enc.s_rows.shape[0]
+    width = max(enc.teacher_ids.shape[1], enc.student_ids.shape[1])
+    ids = torch.cat([F.pad(enc.teacher_ids, (0, width - enc.teacher_ids.shape[1]), value=0),
+                     F.pad(enc.student_ids, (0, width - enc.student_ids.shape[1]), value=0)])  # [2B, T]
+    mask = torch.cat([F.pad(enc.teacher_mask, (0, width - enc.teacher_mask.shape[1])),
+                      F.pad(enc.student_mask, (0, width - enc.student_mask.shape[1]))])  # [2B, T]
     with addon.use(None):
-        with_fact = _logp(model, enc.teacher_ids, enc.teacher_mask, enc.s_rows, enc.t_cols)  # [P, V]
-        without = _logp(model, enc.student_ids, enc.student_mask, enc.s_rows, enc.s_cols)  # [P, V]
+        both = _logp(model, ids, mask, torch.cat([enc.s_rows, enc.s_rows + B]),
+                     torch.cat([enc.t_cols, enc.s_cols]))  # [2P, V]
+    with_fact, without = both[:P], both[P:]  # [P, V] each
     tgt = enc.targets[:, None]  # [P, 1]
     gain = without.gather(1, tgt)[:, 0] - with_fact.gather(1, tgt)[:, 0]  # [P] = CE_with - CE_without
     w = (-gain).clamp(min=0) * (enc.answer & enc.with_fact)  # [P] max(0, CE_without - CE_with)
@@ -87,69 +175,93 @@ def teacher_targets(model, addon, enc: Encoded) -> tuple[torch.Tensor, torch.Ten
     return teacher, w
 
 
-def student_loss(model, addon, enc: Encoded, gists, teacher: torch.Tensor, w: torch.Tensor):
-    """(loss, stats): mean over scored positions of w * CE + KL(teacher || student)."""
+def student_loss(model, addon, enc: Encoded, gists, teacher: torch.Tensor, w: torch.Tensor,
+                 ce_weight: float = 1.0, locality_weight: float = 1.0):
+    """(loss, stats): mean over scored positions of ce_weight * w * CE + k * KL(teacher || student),
+    where k is `locality_weight` on the tokens of locality queries and 1 elsewhere.
+
+    stats are detached 0-d tensors (no host sync here; call .item() when logging)."""
     with addon.use(gists):
         student = _logp(model, enc.student_ids, enc.student_mask, enc.s_rows, enc.s_cols)  # [P, V]
     ce = -student.gather(1, enc.targets[:, None])[:, 0]  # [P]
     kl = F.kl_div(student, teacher, reduction="none", log_target=True).sum(dim=-1)  # [P] KL(teacher || student)
     n = max(int(ce.numel()), 1)
-    loss = ((w * ce).sum() + kl.sum()) / n
+    wce = (w * ce).sum() / n
+    k = torch.where(enc.with_fact, 1.0, float(locality_weight))  # [P]
+    loss = ce_weight * wce + (k * kl).sum() / n
     with torch.no_grad():
-        answer = enc.answer & enc.with_fact  # [P]
-        any_answer = bool(answer.any())
-        stats = {"loss": loss.item(), "kl": kl.mean().item(), "wce": ((w * ce).sum() / n).item(),
-                 "ce_answer": ce[answer].mean().item() if any_answer else 0.0,
-                 "w_mean": w[answer].mean().item() if any_answer else 0.0}
+        answer = (enc.answer & enc.with_fact).float()  # [P] answer tokens of fact queries
+        loc = (enc.answer & ~enc.with_fact).float()  # [P] answer tokens of locality queries
+        hit = (student.argmax(-1) == enc.targets).float()  # [P]
+        teacher_hit = (student.argmax(-1) == teacher.argmax(-1)).float()  # [P]
+        n_ans, n_loc = answer.sum().clamp(min=1), loc.sum().clamp(min=1)
+        stats = {"loss": loss.detach(), "kl": kl.mean(), "wce": wce.detach(),
+                 "ce_answer": (ce * answer).sum() / n_ans, "w_mean": (w * answer).sum() / n_ans,
+                 "acc_answer": (hit * answer).sum() / n_ans, "kl_locality": (kl * loc).sum() / n_loc,
+                 "agree_locality": (teacher_hit * loc).sum() / n_loc}
     return loss, stats
 
 
-def _token_hits(hits: torch.Tensor, enc: Encoded, n_queries: int) -> float:
-    """Sum over queries of the fraction of answer tokens where `hits` holds."""
-    keep = enc.answer  # [P]
-    h, q = hits[keep].float(), enc.query_of[keep]  # [A], [A]
-    per_query = torch.zeros(n_queries, device=h.device).index_add_(0, q, h)  # [n]
-    counts = torch.zeros(n_queries, device=h.device).index_add_(0, q, torch.ones_like(h))  # [n]
-    return float((per_query / counts.clamp(min=1)).sum())
+def _token_hits(hits: torch.Tensor, enc: Encoded, n_queries: int) -> torch.Tensor:
+    """Sum over queries of the fraction of answer tokens where `hits` holds (a 0-d tensor)."""
+    keep = enc.answer.float()  # [P]
+    per_query = torch.zeros(n_queries, device=hits.device).index_add_(0, enc.query_of, hits.float() * keep)
+    counts = torch.zeros(n_queries, device=hits.device).index_add_(0, enc.query_of, keep)  # [n]
+    return (per_query / counts.clamp(min=1)).sum()
 
 
-def _score(model, tokenizer, addon, gists, queries: Sequence[Query], locality: bool, batch_size: int):
+def _score(model, tokens, addon, gists, queries: Sequence[Query], locality: bool, batch_size: int):
     """(with-pool score, base score) summed over queries; locality = agreement with the base argmax."""
     device = addon.gist_embedding.device
-    total, total_base = 0.0, 0.0
+    total, total_base = torch.zeros((), device=device), torch.zeros((), device=device)
     for start in range(0, len(queries), batch_size):
         chunk = queries[start:start + batch_size]
-        enc = encode(tokenizer, chunk, None, device)
+        enc = encode(tokens, chunk, None, device)
         with addon.use(gists):
-            logits = model(input_ids=enc.student_ids, attention_mask=enc.student_mask).logits  # [B, T, V]
-        pred = logits[enc.s_rows, enc.s_cols].argmax(-1)  # [P]
+            pred = _logits_at(model, enc.student_ids, enc.student_mask, enc.s_rows, enc.s_cols).argmax(-1)  # [P]
         with addon.use(None):
-            logits = model(input_ids=enc.student_ids, attention_mask=enc.student_mask).logits  # [B, T, V]
-        base = logits[enc.s_rows, enc.s_cols].argmax(-1)  # [P]
+            base = _logits_at(model, enc.student_ids, enc.student_mask, enc.s_rows, enc.s_cols).argmax(-1)  # [P]
         total += _token_hits(pred == (base if locality else enc.targets), enc, len(chunk))
         total_base += _token_hits(base == enc.targets, enc, len(chunk))
     return total, total_base
 
 
 @torch.no_grad()
-def heldout_check(model, tokenizer, addon, facts: Sequence[TrainFact], batch_size: int = 16) -> dict:
-    """Teacher-forced edit success, rephrase and locality (argmax agreement with the base model),
-    with all `facts` in one pool, in eval mode (so T = 0.45 applies above 10 gists)."""
+def heldout_check(model, tokenizer, addon, facts: Sequence[TrainFact], batch_size: int = 16,
+                  pool_size: int | None = None, tokens: Tokens | None = None, compress_batch: int = 128) -> dict:
+    """Teacher-forced edit success, rephrase and locality (argmax agreement with the base model), in
+    eval mode (so T = 0.45 applies above 10 gists), the metrics.py definitions.
+
+    The facts are split into pools of `pool_size` (default: all in one pool); each fact's queries read
+    the pool that holds it among the others. The numbers are means over all queries."""
+    tokens = tokens or Tokens(tokenizer)
+    pool_size = pool_size or len(facts)
     was_training = addon.training
     addon.eval()
+    sums = {k: 0.0 for k in ("edit_success", "edit_success_base", "rephrase", "rephrase_base", "locality")}
+    counts = {"edit_success": 0, "rephrase": 0, "locality": 0}
     try:
-        gists = compress_texts(model, tokenizer, addon, [f.text for f in facts])
-        kinds = {"edit_success": [f.edit for f in facts],
-                 "rephrase": [f.paraphrases[0] for f in facts if f.paraphrases],
-                 "locality": [f.locality[0] for f in facts if f.locality]}
-        out: dict = {"n_gists": len(facts)}
-        for name, queries in kinds.items():
-            if not queries:
-                continue
-            score, base = _score(model, tokenizer, addon, gists, queries, name == "locality", batch_size)
-            out[name] = score / len(queries)
-            if name != "locality":
-                out[name + "_base"] = base / len(queries)
+        for first in range(0, len(facts), pool_size):
+            group = facts[first:first + pool_size]
+            gists = compress_ids(model, addon, [tokens.text(f.text) for f in group], compress_batch,
+                                 pad_id=tokens.pad)
+            kinds = {"edit_success": [f.edit for f in group],
+                     "rephrase": [f.paraphrases[0] for f in group if f.paraphrases],
+                     "locality": [f.locality[0] for f in group if f.locality]}
+            for name, queries in kinds.items():
+                if not queries:
+                    continue
+                score, base = _score(model, tokens, addon, gists, queries, name == "locality", batch_size)
+                sums[name] += float(score)
+                counts[name] += len(queries)
+                if name != "locality":
+                    sums[name + "_base"] += float(base)
     finally:
         addon.train(was_training)
+    out: dict = {"n_gists": min(pool_size, len(facts)), "n_facts": len(facts)}
+    for name, n in counts.items():
+        if n:
+            out[name] = sums[name] / n
+            if name != "locality":
+                out[name + "_base"] = sums[name + "_base"] / n
     return out

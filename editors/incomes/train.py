@@ -1,84 +1,130 @@
 """Train the gist add-on only (gist embedding, zero-gist keys, adapters): `python -m editors.incomes.train`.
 
 The base model stays frozen, so an empty pool keeps it bit-identical whatever the add-on learned.
-Each step: draw a chunk of facts (8..128, the paper's probabilities), query B of them (edit prompt,
-paraphrase or locality), compress the queried facts with gradients and the distractors without,
-and minimise w * CE + KL(teacher || student) (objective.py). Runs resume from `RUN/checkpoint`
-(safetensors only, no pickle); `RUN/log.jsonl` holds the curves; the trained add-on lands in `RUN/addon`
-with its config and the exact command that made it.
+Each step: draw a pool of facts (the paper's chunk sizes, or a small-to-large curriculum), query B of
+them (edit prompt, paraphrase or locality), compress the pool in one batched forward (the queried facts
+with gradients; the distractors too with --distractor-grad), and minimise w * CE + KL(teacher || student)
+(objective.py). Runs resume from the checkpoint (safetensors only, no pickle); `RUN/log.jsonl` holds the
+curves; the trained add-on lands in `RUN/addon` (and the best held-out one in `RUN/best`) with its config
+and the exact command that made it. With --time-budget S the run trains until S seconds minus the time
+its final held-out check and save will take, then checks and saves: made for a lent GPU.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import random
 import shlex
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
-from editors.incomes.compress import CompressedGists, add_gist_token, compress_texts
+from editors.incomes.compress import CompressedGists, add_gist_token, compress_ids
 from editors.incomes.config import GistConfig
 from editors.incomes.modules import GistAddon, replace_directory
-from editors.incomes.objective import encode, heldout_check, student_loss, teacher_targets
-from editors.incomes.traindata import CHUNK_PROBS, CHUNK_SIZES, ChunkSampler, load_train_facts, split_holdout
+from editors.incomes.objective import Tokens, encode, heldout_check, student_loss, teacher_targets
+from editors.incomes.traindata import (CHUNK_PROBS, CHUNK_SIZES, ChunkSampler, fact_text, load_train_facts,
+                                       split_holdout)
 from memory.errors import ConfigError, EngramError
 
 log = logging.getLogger(__name__)
 
+AMP_MODES = ("none", "bf16")
+ZERO_KEY_INITS = ("zero", "sink")
+OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError)
+MAX_OOMS = 5  # more than this many skipped steps and the run stops (the latest save stays)
+FAST_PARAMS = ("gate", "zero_key", "gist_embedding")  # parameter-name endings that get lr * fast_lr_mult
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 1000  # with time_budget: an upper bound only
     batch_size: int = 8  # queried facts per step (all in the pool)
     lr: float = 1e-3
+    fast_lr_mult: float = 5.0  # lr multiplier of the per-head gates, zero-gist keys and gist embedding
     warmup: int = 50
-    min_lr_ratio: float = 0.1  # cosine decay to lr * this at the last step
+    min_lr_ratio: float = 0.1  # cosine decay to lr * this at the end (of the steps, or of the time budget)
     grad_clip: float = 1.0
+    ce_weight: float = 0.3  # multiplies the w * CE term (KL has weight 1); the paper has 1
+    locality_weight: float = 2.0  # multiplies the KL of locality queries' tokens
+    zero_key_init: str = "sink"  # a fresh add-on's zero-gist keys start at the base's attention-sink key ("zero": 0)
     chunk_sizes: tuple[int, ...] = CHUNK_SIZES
     chunk_probs: tuple[float, ...] = CHUNK_PROBS
-    locality_prob: float = 0.25
+    curriculum: float = 0.0  # fraction of the run over which pools grow from the smallest chunk size
+    shrink_batch: bool = False  # a pool smaller than batch_size is kept, all its facts queried (not raised)
+    locality_prob: float = 0.3
     paraphrase_prob: float = 0.5
+    period_prob: float = 0.3  # chance that a fact is written with a final period
     holdout: int = 200  # facts of the train files never trained on, for the periodic checks
-    eval_every: int = 100
-    eval_facts: int = 100
-    save_every: int = 50
+    eval_every: int = 100  # steps between held-out checks (0 = none)
+    eval_seconds: float = 0.0  # also check every this many seconds (0 = off)
+    eval_facts: int = 100  # gists in the held-out pool; the final check pools all `holdout` facts this many at a time
+    save_every: int = 50  # steps between saves of RUN/addon and the checkpoint (0 = only at the end)
+    save_seconds: float = 0.0  # also save every this many seconds (0 = off)
+    time_budget: float = 0.0  # seconds for the whole run, final check and save included (0 = run `steps`)
+    log_every: int = 1  # steps per log line (stats are averaged; fewer lines = fewer host syncs)
+    distractor_grad: bool = False  # compress the distractors with gradients too (one forward for the pool)
     bank_size: int = 0  # 0: compress each step's distractors afresh; >0: reuse a bank of this many
     bank_refresh: int = 50  # steps between recompressions of the distractor bank
     compress_batch: int = 64
+    eval_batch: int = 16
+    amp: str = "none"  # "bf16": autocast the forwards (the add-on keeps float32 master weights)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "compress_batch", "bank_refresh"):
+        for name in ("steps", "batch_size", "compress_batch", "bank_refresh", "log_every", "eval_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
-        for name in ("warmup", "holdout", "eval_every", "eval_facts", "save_every", "bank_size"):
+        for name in ("warmup", "holdout", "eval_every", "eval_facts", "save_every", "bank_size", "eval_seconds",
+                     "save_seconds", "time_budget", "ce_weight", "locality_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
-        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.grad_clip > 0):
-            raise ConfigError("lr and grad_clip must be > 0 and min_lr_ratio in [0, 1]")
-        if not (0 <= self.locality_prob <= 1 and 0 <= self.paraphrase_prob <= 1):
-            raise ConfigError("locality_prob and paraphrase_prob must lie in [0, 1]")
+        if not (self.lr > 0 and self.fast_lr_mult > 0 and 0 <= self.min_lr_ratio <= 1 and self.grad_clip > 0):
+            raise ConfigError("lr, fast_lr_mult and grad_clip must be > 0 and min_lr_ratio in [0, 1]")
+        for name in ("locality_prob", "paraphrase_prob", "period_prob", "curriculum"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must lie in [0, 1]")
+        if self.zero_key_init not in ZERO_KEY_INITS:
+            raise ConfigError(f"zero_key_init must be one of {ZERO_KEY_INITS}, got {self.zero_key_init!r}")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         object.__setattr__(self, "chunk_sizes", tuple(self.chunk_sizes))
         object.__setattr__(self, "chunk_probs", tuple(self.chunk_probs))
 
-    def lr_at(self, step: int) -> float:
+    def lr_at(self, step: int, progress: float | None = None) -> float:
+        """Linear warmup over `warmup` steps, then cosine to lr * min_lr_ratio. `progress` in [0, 1] is
+        the fraction of the run done (of the time budget when timed); None = step / steps."""
         if step < self.warmup:
             return self.lr * (step + 1) / self.warmup
-        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        if progress is None:
+            progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        progress = min(max(progress, 0.0), 1.0)
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def amp_context(device: torch.device, amp: str):
+    """Autocast for the forwards only (never around backward or the optimiser step: autocast caches
+    casts of trained parameters for as long as its context lives)."""
+    if amp == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 # -- checkpoints (safetensors + JSON, written to a temp dir and renamed into place) -----------------
-def save_checkpoint(run_dir: Path, addon: GistAddon, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> None:
+def save_checkpoint(ckpt_dir: Path, addon: GistAddon, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> None:
+    """Add-on + optimiser state + step into `ckpt_dir` (e.g. RUN/checkpoint), atomically."""
     from safetensors.torch import save_file
 
-    tmp = Path(tempfile.mkdtemp(prefix="checkpoint.", dir=run_dir))
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=ckpt_dir.name + ".", dir=ckpt_dir.parent))
     addon.save(tmp / "addon")
     state = {}
     for index, entry in opt.state_dict()["state"].items():
@@ -86,15 +132,17 @@ def save_checkpoint(run_dir: Path, addon: GistAddon, opt: torch.optim.Optimizer,
             state[f"{index}.{key}"] = (value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu()
     save_file(state, str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"step": step, "train_config": asdict(cfg)}, indent=2))
-    replace_directory(tmp, run_dir / "checkpoint")
+    replace_directory(tmp, ckpt_dir)
 
 
-def load_checkpoint(run_dir: Path, model, opt_factory):
-    """(addon, optimiser, next step) from RUN/checkpoint."""
+def load_checkpoint(ckpt_dir: Path, model, opt_factory, dtype: torch.dtype | None = None):
+    """(addon, optimiser, next step) from a checkpoint directory (e.g. RUN/checkpoint)."""
     from safetensors.torch import load_file
 
-    ckpt = run_dir / "checkpoint"
+    ckpt = Path(ckpt_dir)
     addon = GistAddon.load(ckpt / "addon", model)
+    if dtype is not None:
+        addon.to(dtype=dtype)
     opt = opt_factory(addon)
     saved = opt.state_dict()
     device = addon.gist_embedding.device
@@ -108,9 +156,18 @@ def load_checkpoint(run_dir: Path, model, opt_factory):
     return addon, opt, step
 
 
-def _optimizer(addon: GistAddon) -> torch.optim.Optimizer:
+def _optimizer(addon: GistAddon, cfg: TrainConfig | None = None) -> torch.optim.Optimizer:
+    """AdamW over all add-on parameters; gates, zero-gist keys and the gist embedding in a group whose
+    lr is `fast_lr_mult` times the base lr (they start at 0 / the mean row and gate everything else)."""
     addon.requires_grad_(True)
-    return torch.optim.AdamW(list(addon.parameters()), lr=1e-3, weight_decay=0.0)
+    mult = cfg.fast_lr_mult if cfg is not None else 1.0
+    fast, slow = [], []
+    for name, param in addon.named_parameters():
+        (fast if name.split(".")[-1] in FAST_PARAMS else slow).append(param)
+    groups = [{"params": slow, "mult": 1.0}, {"params": fast, "mult": mult}]
+    cuda = all(p.is_cuda for p in addon.parameters())
+    kwargs = {"fused": True} if cuda else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr if cfg else 1e-3, weight_decay=0.0, **kwargs)
 
 
 # -- the loop ---------------------------------------------------------------------------------------
@@ -118,104 +175,313 @@ class DistractorBank:
     """A fixed random set of train facts whose gists are recompressed every `refresh` steps."""
 
     def __init__(self, facts, size: int, refresh: int, seed: int):
-        import random
-
         self.ids = sorted(random.Random(seed + 7).sample(range(len(facts)), size))
+        self.row = {fact: row for row, fact in enumerate(self.ids)}
         self.facts, self.refresh, self.gists, self.made_at = facts, refresh, None, None
 
-    def gists_for(self, step: int, model, tokenizer, addon, batch: int) -> CompressedGists:
+    def gists_for(self, step: int, model, tokens: Tokens, addon, batch: int) -> CompressedGists:
         if self.gists is None or step - self.made_at >= self.refresh:
-            self.gists = compress_texts(model, tokenizer, addon, [self.facts[i].text for i in self.ids], batch)
+            self.gists = compress_ids(model, addon, [tokens.text(self.facts[i].text) for i in self.ids], batch,
+                                      pad_id=tokens.pad)
             self.made_at = step
         return self.gists
 
 
-def train_step(model, tokenizer, addon, opt, sampler, facts, step: int, cfg: TrainConfig, bank=None) -> dict:
+def train_step(model, tokens: Tokens, addon, opt, sampler, facts, step: int, cfg: TrainConfig, bank=None,
+               progress: float | None = None) -> dict:
+    """One optimiser step. Returns detached 0-d tensors and plain numbers (no host sync)."""
     addon.train()
     device = addon.gist_embedding.device
-    plan = sampler.step(step, facts, bank.ids if bank else None)
-    enc = encode(tokenizer, plan.queries, [facts[i].text for i in plan.relevant], device)
-    teacher, w = teacher_targets(model, addon, enc)
-    relevant = compress_texts(model, tokenizer, addon, [facts[i].text for i in plan.relevant], cfg.compress_batch,
-                              grad=True)
-    if bank is not None:
-        rows = [bank.ids.index(i) for i in plan.distractors]
-        distractors = bank.gists_for(step, model, tokenizer, addon, cfg.compress_batch).select(rows)
-    else:
-        distractors = compress_texts(model, tokenizer, addon, [facts[i].text for i in plan.distractors],
-                                     cfg.compress_batch)
-    gists = CompressedGists.cat([relevant, distractors]) if len(distractors) else relevant
-    for group in opt.param_groups:
-        group["lr"] = cfg.lr_at(step)
-    loss, stats = student_loss(model, addon, enc, gists, teacher, w)
+    plan = sampler.step(step, facts, bank.ids if bank else None, progress)
+    rng = random.Random(cfg.seed * 7919 + step)
+    rel_texts = [fact_text(facts[i], rng, cfg.period_prob) for i in plan.relevant]
+    ids = lambda texts: [tokens.text(t) for t in texts]  # noqa: E731
+    with amp_context(device, cfg.amp):
+        enc = encode(tokens, plan.queries, rel_texts, device)
+        teacher, w = teacher_targets(model, addon, enc)
+        if bank is not None:
+            relevant = compress_ids(model, addon, ids(rel_texts), cfg.compress_batch, grad=True, pad_id=tokens.pad)
+            rows = [bank.row[i] for i in plan.distractors]
+            distractors = bank.gists_for(step, model, tokens, addon, cfg.compress_batch).select(rows)
+            gists = CompressedGists.cat([relevant, distractors]) if rows else relevant
+        else:
+            dis_texts = [fact_text(facts[i], rng, cfg.period_prob) for i in plan.distractors]
+            if cfg.distractor_grad:  # the whole pool in one batched forward, all with gradients
+                gists = compress_ids(model, addon, ids(rel_texts + dis_texts), cfg.compress_batch, grad=True,
+                                     pad_id=tokens.pad)
+            else:
+                relevant = compress_ids(model, addon, ids(rel_texts), cfg.compress_batch, grad=True,
+                                        pad_id=tokens.pad)
+                distractors = compress_ids(model, addon, ids(dis_texts), cfg.compress_batch, pad_id=tokens.pad)
+                gists = CompressedGists.cat([relevant, distractors]) if dis_texts else relevant
+        lr = cfg.lr_at(step, progress)
+        for group in opt.param_groups:
+            group["lr"] = lr * group.get("mult", 1.0)
+        loss, stats = student_loss(model, addon, enc, gists, teacher, w, cfg.ce_weight, cfg.locality_weight)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(addon.parameters(), cfg.grad_clip))
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(addon.parameters(), cfg.grad_clip).detach()
     opt.step()
-    return {**stats, "chunk": len(gists), "lr": cfg.lr_at(step)}
+    return {**stats, "chunk": len(gists), "lr": lr}
+
+
+@torch.no_grad()
+def init_zero_keys_at_sink(model, addon: GistAddon, id_lists: list[list[int]], pad_id: int) -> None:
+    """Set each upper layer's zero-gist key to the mean pre-RoPE key of position 0 over `id_lists`.
+
+    Position 0 is the base model's attention sink (on SmolLM2 60-90% of an upper layer's attention from
+    the last token goes there), and a pre-RoPE gist key is scored as if it sat at position 0. So the
+    zero-gist starts as the sink: a query's gist attention starts mostly on "nothing", and a gist must
+    earn its weight against it, which is what locality needs. Call it on an attached add-on."""
+    from editors.incomes.compress import _compress_batch
+    from editors.incomes.introspect import find_layer_stack
+    from editors.incomes.objective import _pad
+
+    device = addon.gist_embedding.device
+    ids, mask = _pad([list(r) for r in id_lists], pad_id, device)  # [B, T]
+    rows = torch.arange(ids.shape[0], device=device)  # [B]
+    decoder, _ = find_layer_stack(model)
+    was = addon.runtime.pool
+    gists = _compress_batch(decoder, addon, ids, mask, torch.zeros_like(rows))  # K/V at column 0
+    addon.runtime.pool = was
+    for pos, layer in enumerate(addon.layer_ids):
+        zero_key = addon.branches[str(layer)].zero_key  # [KVH, D]
+        zero_key.copy_(gists.keys[pos].float().mean(dim=0).to(zero_key.dtype))
+
+
+def _gate_mean(addon: GistAddon) -> float | None:
+    gates = [b.gate for b in addon.branches.values() if b.gate is not None]
+    return float(torch.stack([g.detach().abs().mean() for g in gates]).mean()) if gates else None
+
+
+def _score(check: dict) -> float:
+    """Model selection on the held-out slice: edit success, minus a penalty below 0.95 locality."""
+    return check.get("edit_success", 0.0) - 5 * max(0.0, 0.95 - check.get("locality", 1.0))
+
+
+def _summary(step: int, seconds: float, check: dict, label: str = "check") -> str:
+    parts = [f"{label} step {step} t={seconds:.0f}s gists={check.get('n_gists')}"]
+    for name in ("edit_success", "rephrase"):
+        if name in check:
+            parts.append(f"{name} {check[name]:.3f} (base {check[name + '_base']:.3f})")
+    if "locality" in check:
+        parts.append(f"locality {check['locality']:.3f}")
+    if "temperature" in check:
+        parts.append(f"T={check['temperature']}")
+    return " | ".join(parts)
 
 
 def train(model, tokenizer, facts, cfg: TrainConfig, gist_cfg: GistConfig, run_dir: str | Path,
-          resume: bool = True, command: str | None = None) -> GistAddon:
-    """Train (or resume) an add-on on `facts` (TrainFact list); returns it, also saved in RUN/addon."""
+          resume: bool = True, command: str | None = None, checkpoint_dir: str | Path | None = None) -> GistAddon:
+    """Train (or resume) an add-on on `facts` (TrainFact list); returns it, also saved in RUN/addon.
+
+    With cfg.time_budget the whole call (setup, training, final check, save) aims to fit the budget."""
+    began = time.monotonic()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else run_dir / "checkpoint"
+    torch.manual_seed(cfg.seed)
     train_facts, holdout = split_holdout(facts, cfg.holdout, cfg.seed)
     gist_id = add_gist_token(tokenizer, gist_cfg.gist_token)
-    if resume and (run_dir / "checkpoint" / "state.json").exists():
-        addon, opt, start = load_checkpoint(run_dir, model, _optimizer)
-        log.info("resuming %s at step %d", run_dir, start)
+    model_dtype = model.get_input_embeddings().weight.dtype
+    master = torch.float32 if cfg.amp != "none" else model_dtype  # float32 master weights under autocast
+    factory = lambda a: _optimizer(a, cfg)  # noqa: E731
+    if resume and (ckpt_dir / "state.json").exists():
+        addon, opt, start = load_checkpoint(ckpt_dir, model, factory, master)
+        log.info("resuming %s at step %d", ckpt_dir, start)
         if addon.config != gist_cfg:
             log.warning("resuming with the checkpoint's gist config %s, not %s", addon.config, gist_cfg)
     else:
-        addon = GistAddon.for_model(model, gist_cfg)
-        opt, start = _optimizer(addon), 0
+        addon = GistAddon.for_model(model, gist_cfg).to(dtype=master)
+        opt, start = factory(addon), 0
+    device = addon.gist_embedding.device
+    tokens = Tokens(tokenizer)
+    texts = [f.text for f in facts] + ([f.text + "." for f in facts] if cfg.period_prob else [])
+    tokens.warm(texts, [q for f in facts for q in (f.edit, *f.paraphrases, *f.locality)])
     sampler = ChunkSampler(len(train_facts), cfg.batch_size, cfg.chunk_sizes, cfg.chunk_probs,
-                           cfg.locality_prob, cfg.paraphrase_prob, cfg.seed)
+                           cfg.locality_prob, cfg.paraphrase_prob, cfg.seed, cfg.curriculum, cfg.shrink_batch)
     bank = DistractorBank(train_facts, cfg.bank_size, cfg.bank_refresh, cfg.seed) if cfg.bank_size else None
+    n_params = sum(p.numel() for p in addon.parameters())
+    log.info("add-on: %d parameters (%.1f MB float32); %d train facts, %d held out; device %s, amp %s",
+             n_params, n_params * 4 / 1e6, len(train_facts), len(holdout), device, cfg.amp)
+    eval_set = holdout[: cfg.eval_facts]
+    timed = cfg.time_budget > 0
+    deadline = began + cfg.time_budget
+    saved_extra = {"command": command, "train_config": asdict(cfg)}
+    state = {"best": None, "check_s": None, "save_s": 0.5, "ooms": 0}
+
+    def check(step: int, facts_, label: str, temperature: float | None = None) -> dict:
+        t0 = time.monotonic()
+        if temperature is not None:
+            original, addon.config = addon.config, replace(addon.config, temperature=temperature)
+        try:
+            with amp_context(device, cfg.amp):
+                result = heldout_check(model, tokenizer, addon, facts_, cfg.eval_batch, cfg.eval_facts or None,
+                                       tokens, cfg.compress_batch)
+        finally:
+            if temperature is not None:
+                addon.config = original
+        cfg_t = addon.config
+        result["temperature"] = temperature if temperature is not None else (
+            cfg_t.temperature if result["n_gists"] > cfg_t.temperature_min_gists else 1.0)
+        seconds = time.monotonic() - t0
+        groups = max(1, math.ceil(len(facts_) / max(1, cfg.eval_facts or len(facts_))))
+        state["check_s"] = seconds / groups  # per pool checked
+        curve.write(json.dumps({"step": step, label: True, "heldout": result, "seconds": round(seconds, 2),
+                                "elapsed": round(time.monotonic() - began, 1)}) + "\n")
+        curve.flush()
+        log.info("%s", _summary(step, time.monotonic() - began, result, label))
+        return result
+
+    def keep_best(step: int, result: dict) -> None:
+        score = _score(result)
+        if state["best"] is None or score > state["best"]:
+            state["best"] = score
+            addon.save(run_dir / "best", extra={**saved_extra, "steps": step, "heldout": result})
+
+    def save(step: int) -> None:
+        t0 = time.monotonic()
+        addon.save(run_dir / "addon", extra={**saved_extra, "steps": step})
+        save_checkpoint(ckpt_dir, addon, opt, step, cfg)
+        state["save_s"] = time.monotonic() - t0
+
+    def margin() -> float:
+        """Seconds to keep for the final checks (all held-out pools, two temperatures) and saves."""
+        if not timed:
+            return 0.0
+        groups = max(1, math.ceil(len(holdout) / max(1, cfg.eval_facts or len(holdout)))) if holdout else 0
+        per_pool = state["check_s"] if state["check_s"] is not None else 5.0
+        return 2.0 + 1.5 * (2 * groups * per_pool + 3 * state["save_s"])
+
     addon.attach(model, gist_id)
+    step, final = start, None
     try:
+        if start == 0 and cfg.zero_key_init == "sink":
+            with amp_context(device, cfg.amp):
+                init_zero_keys_at_sink(model, addon, [tokens.text(f.text) for f in train_facts[:64]], tokens.pad)
         with open(run_dir / "log.jsonl", "a") as curve:
-            for step in range(start, cfg.steps):
-                began = time.perf_counter()
-                stats = train_step(model, tokenizer, addon, opt, sampler, train_facts, step, cfg, bank)
-                stats.update(step=step + 1, seconds=round(time.perf_counter() - began, 3))
-                curve.write(json.dumps(stats) + "\n")
+            if timed and eval_set and cfg.eval_facts:
+                keep_best(step, check(step, eval_set, "check"))  # the baseline, and the check's cost
+            loop_start = time.monotonic()
+            last_save, last_eval = loop_start, loop_start
+            acc = {"sums": {}, "n": 0, "t": loop_start}
+
+            def flush(step: int, lr: float, progress: float | None) -> None:
+                """One averaged log line for the steps since the last one (one host sync)."""
+                sums, n_sum = acc["sums"], acc["n"]
+                if not n_sum:
+                    return
+                keys = [k for k, v in sums.items() if torch.is_tensor(v)]
+                values = torch.stack([sums[k].float() for k in keys]).tolist() if keys else []
+                elapsed = time.monotonic() - acc["t"]
+                row = {k: round(v / n_sum, 5) for k, v in zip(keys, values)}
+                row.update(step=step, chunk=round(sums["chunk"] / n_sum, 1), lr=lr, seconds=round(elapsed / n_sum, 4),
+                           steps_per_s=round(n_sum / max(elapsed, 1e-9), 2),
+                           elapsed=round(time.monotonic() - began, 1), gate=_gate_mean(addon))
+                if progress is not None:
+                    row["progress"] = round(progress, 4)
+                curve.write(json.dumps(row) + "\n")
                 curve.flush()
-                log.info("step %d loss %.4f kl %.4f wce %.4f chunk %d (%.1fs)", step + 1, stats["loss"],
-                         stats["kl"], stats["wce"], stats["chunk"], stats["seconds"])
-                last = step + 1 == cfg.steps
-                if cfg.save_every and ((step + 1) % cfg.save_every == 0 or last):
-                    save_checkpoint(run_dir, addon, opt, step + 1, cfg)
-                if cfg.eval_every and holdout and ((step + 1) % cfg.eval_every == 0 or last):
-                    check = heldout_check(model, tokenizer, addon, holdout[: cfg.eval_facts])
-                    curve.write(json.dumps({"step": step + 1, "heldout": check}) + "\n")
-                    log.info("step %d held-out %s", step + 1, check)
+                log.info("step %d loss %.4f kl %.4f wce %.4f acc %.3f loc-agree %.3f gate %.3f chunk %.0f "
+                         "lr %.2e %.2f steps/s", step, row["loss"], row["kl"], row["wce"], row["acc_answer"],
+                         row["agree_locality"], row["gate"] or 0.0, row["chunk"], row["lr"], row["steps_per_s"])
+                acc.update(sums={}, n=0, t=time.monotonic())
+
+            while step < cfg.steps:
+                now = time.monotonic()
+                if timed and now >= deadline - margin():
+                    break
+                progress = None
+                if timed:
+                    progress = (now - loop_start) / max(1e-3, deadline - margin() - loop_start)
+                elif cfg.curriculum:
+                    progress = step / cfg.steps
+                try:
+                    stats = train_step(model, tokens, addon, opt, sampler, train_facts, step, cfg, bank, progress)
+                except OOM_ERRORS:  # a rare big pool of long facts: skip this step's data, keep the run
+                    state["ooms"] += 1
+                    opt.zero_grad(set_to_none=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    log.warning("step %d ran out of memory (%d so far); its data is skipped", step + 1, state["ooms"])
+                    curve.write(json.dumps({"step": step + 1, "oom": True}) + "\n")
+                    if state["ooms"] > MAX_OOMS:
+                        raise
+                    step += 1
+                    continue
+                step += 1
+                for key, value in stats.items():
+                    acc["sums"][key] = acc["sums"].get(key, 0) + value
+                acc["n"] += 1
+                last = step == cfg.steps
+                if step % cfg.log_every == 0 or last:
+                    flush(step, stats["lr"], progress)
+                now = time.monotonic()
+                if not last and ((cfg.save_every and step % cfg.save_every == 0)
+                                 or (cfg.save_seconds and now - last_save >= cfg.save_seconds)):
+                    save(step)
+                    last_save = time.monotonic()
+                if not last and eval_set and cfg.eval_facts and (
+                        (cfg.eval_every and step % cfg.eval_every == 0)
+                        or (cfg.eval_seconds and now - last_eval >= cfg.eval_seconds)):
+                    keep_best(step, check(step, eval_set, "check"))
+                    last_eval = time.monotonic()
+            if acc["n"]:
+                flush(step, cfg.lr_at(step - 1, progress), progress)  # the steps since the last line
+            if holdout and cfg.eval_facts:
+                final = check(step, holdout, "final")  # all held-out pools, at the add-on's own temperature
+                keep_best(step, final)
+                if final["temperature"] != 1.0 and (not timed or time.monotonic() < deadline - 3):
+                    check(step, holdout, "final_t1", temperature=1.0)  # the same, without the inference T
     finally:
         addon.detach()
-    addon.save(run_dir / "addon", extra={"command": command, "train_config": asdict(cfg), "steps": cfg.steps})
+    saved_extra.update(steps=step, seconds=round(time.monotonic() - began, 1), heldout=final)
+    addon.save(run_dir / "addon", extra={**saved_extra})
+    save_checkpoint(ckpt_dir, addon, opt, step, cfg)
+    log.info("saved %s (step %d, %.0f s)", run_dir / "addon", step, time.monotonic() - began)
     return addon
 
 
 # -- command line -----------------------------------------------------------------------------------
+def _bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m editors.incomes.train", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--data-root", default=str(Path(__file__).resolve().parents[3] / "shared" / "data"))
     p.add_argument("--run-dir", default="runs/incomes")
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if RUN/checkpoint exists")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="where the resumable checkpoint goes (default RUN/checkpoint)")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
     p.add_argument("--max-facts", type=int, default=None, help="use only the first N facts (smoke runs)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--adapter-rank", type=int, default=8)
+    p.add_argument("--adapter-rank", type=int, default=16)
+    p.add_argument("--adapter-alpha", type=float, default=16.0)
     p.add_argument("--gate-init", type=float, default=0.0,
                    help="per-head gate on the gist output; 0 starts exactly at the base model (PEFT-style); "
                         "pass nan for no gate (the paper's ungated branch)")
+    p.add_argument("--zero-key-init-std", type=float, default=0.0)
     p.add_argument("--log-level", default="INFO")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.name in ("chunk_sizes", "chunk_probs"):
             p.add_argument(flag, default=",".join(map(str, f.default)), help="comma-separated")
+        elif f.name == "amp":
+            p.add_argument(flag, default=f.default, choices=AMP_MODES,
+                           help="bf16: the frozen base in bfloat16 and autocast forwards; the add-on stays float32")
+        elif f.name == "zero_key_init":
+            p.add_argument(flag, default=f.default, choices=ZERO_KEY_INITS,
+                           help="sink: start the zero-gist keys at the base model's attention-sink key")
+        elif isinstance(f.default, bool):
+            p.add_argument(flag, type=_bool, default=f.default, help="true/false")
         else:
             p.add_argument(flag, type=type(f.default), default=f.default)
     return p
@@ -224,7 +490,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     if args.threads:
         torch.set_num_threads(args.threads)
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
@@ -235,12 +501,19 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = TrainConfig(**values)
         gate = None if args.gate_init != args.gate_init else args.gate_init  # nan -> no gate
-        gist_cfg = GistConfig(adapter_rank=args.adapter_rank, gate_init=gate)
+        gist_cfg = GistConfig(adapter_rank=args.adapter_rank, adapter_alpha=args.adapter_alpha, gate_init=gate,
+                              zero_key_init_std=args.zero_key_init_std)
         facts = load_train_facts(args.data_root)[: args.max_facts]
         loaded = load_model(args.model, args.device)
-        log.info("model %s on %s; %d facts", loaded.name, loaded.device, len(facts))
+        if loaded.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores
+            torch.backends.cudnn.allow_tf32 = True
+        if cfg.amp == "bf16":
+            loaded.model.to(torch.bfloat16)  # the frozen base in bf16: no per-op weight casts
+        log.info("model %s on %s (load %.1fs); %d facts", loaded.name, loaded.device, loaded.seconds, len(facts))
         command = "python -m editors.incomes.train " + shlex.join(argv)
-        train(loaded.model, loaded.tokenizer, facts, cfg, gist_cfg, args.run_dir, not args.no_resume, command)
+        train(loaded.model, loaded.tokenizer, facts, cfg, gist_cfg, args.run_dir, not args.no_resume, command,
+              args.checkpoint_dir)
     except EngramError as exc:
         log.error("%s", exc)
         return 2

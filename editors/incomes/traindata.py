@@ -4,7 +4,9 @@ Only train splits are read (DESIGN §5): counterfact-edit.json, knowedit/wiki_co
 knowedit/wiki_recent_train.json. Held-out checks use a slice of these same files that training never
 samples, never the evaluation files. Each fact becomes a sentence (`prompt target.`) for the pool and
 its queries: the edit prompt, paraphrases (rephrase prompts, subject aliases), and locality prompts
-(unrelated facts the pool must leave alone).
+(unrelated facts the pool must leave alone). The sentence is `prompt target`, exactly as the evaluation
+harness writes a learned fact (evaluation/methods.statement); `fact_text` adds a final period to some of
+them, so the add-on also sees facts written as sentences (as `engram ingest` gets them).
 """
 from __future__ import annotations
 
@@ -75,7 +77,14 @@ def parse_record(rec: dict) -> TrainFact | None:
         locality.append(Query(rec["locality_prompt"].strip(), loc_answer, "locality"))
     if isinstance(rec.get("locality"), dict):
         locality += _probes(rec["locality"], "locality")
-    return TrainFact(f"{prompt} {target}.", Query(prompt, target, "edit"), tuple(paraphrases), tuple(locality))
+    return TrainFact(f"{prompt} {target}", Query(prompt, target, "edit"), tuple(paraphrases), tuple(locality))
+
+
+def fact_text(fact: TrainFact, rng: random.Random, period_prob: float = 0.0) -> str:
+    """The fact's sentence, with a final period with probability `period_prob`."""
+    if period_prob and rng.random() < period_prob and not fact.text.endswith("."):
+        return fact.text + "."
+    return fact.text
 
 
 def load_train_facts(data_root: str | Path, files: Sequence[str] = TRAIN_FILES) -> list[TrainFact]:
@@ -115,24 +124,57 @@ class Step:
 
 
 class ChunkSampler:
-    """Deterministic per step (the step number seeds it), so a resumed run sees the same data."""
+    """Deterministic per step (the step number seeds it, and the progress when a curriculum is on), so a
+    resumed run sees the same data.
+
+    A pool holds `batch_size` queried facts plus distractors, `chunk` facts in all, where chunk is drawn
+    from `chunk_sizes` with `chunk_probs` (raised to batch_size when smaller; with `shrink_batch`, a
+    smaller pool is kept and all of its facts are queried instead). With `curriculum` c > 0,
+    a step at progress p < c (p in [0, 1] of the run) draws uniformly among the smallest
+    `1 + floor(p / c * k)` of the k distinct chunk sizes: pools grow from small to large, then follow
+    the paper's probabilities.
+    """
 
     def __init__(self, n_facts: int, batch_size: int, chunk_sizes=CHUNK_SIZES, chunk_probs=CHUNK_PROBS,
-                 locality_prob: float = 0.25, paraphrase_prob: float = 0.5, seed: int = 0):
+                 locality_prob: float = 0.25, paraphrase_prob: float = 0.5, seed: int = 0,
+                 curriculum: float = 0.0, shrink_batch: bool = False):
         if len(chunk_sizes) != len(chunk_probs) or abs(sum(chunk_probs) - 1) > 1e-6:
             raise ConfigError("chunk_sizes and chunk_probs must pair up and the probabilities sum to 1")
         if n_facts < max(chunk_sizes) or n_facts < batch_size:
             raise ConfigError(f"{n_facts} facts are too few for chunks of {max(chunk_sizes)}")
+        if not 0 <= curriculum <= 1:
+            raise ConfigError("curriculum is a fraction of the run, in [0, 1]")
         self.n, self.batch_size, self.seed = n_facts, batch_size, seed
         self.sizes, self.probs = tuple(chunk_sizes), tuple(chunk_probs)
         self.locality_prob, self.paraphrase_prob = locality_prob, paraphrase_prob
+        self.curriculum, self.shrink = curriculum, shrink_batch
+        self.ladder = sorted({self._effective(s) for s in self.sizes})  # distinct effective sizes
 
-    def step(self, step: int, facts: Sequence[TrainFact], bank: Sequence[int] | None = None) -> Step:
+    def _effective(self, size: int) -> int:
+        return size if self.shrink else max(size, self.batch_size)
+
+    def chunk_size(self, rng: random.Random, progress: float | None = None) -> int:
+        if self.curriculum and progress is not None and progress < self.curriculum:
+            allowed = 1 + int(progress / self.curriculum * len(self.ladder))
+            return rng.choice(self.ladder[:min(allowed, len(self.ladder))])
+        return self._effective(rng.choices(self.sizes, weights=self.probs)[0])
+
+    def step(self, step: int, facts: Sequence[TrainFact], bank: Sequence[int] | None = None,
+             progress: float | None = None) -> Step:
         rng = random.Random(self.seed * 1_000_003 + step)
-        chunk = max(rng.choices(self.sizes, weights=self.probs)[0], self.batch_size)
-        relevant = rng.sample(range(self.n), self.batch_size)
-        pool_from = [i for i in (bank if bank is not None else range(self.n)) if i not in set(relevant)]
-        distractors = rng.sample(pool_from, min(chunk - self.batch_size, len(pool_from)))
+        chunk = self.chunk_size(rng, progress)
+        relevant = rng.sample(range(self.n), min(self.batch_size, chunk))
+        taken, need = set(relevant), chunk - len(relevant)
+        if bank is not None:
+            pool_from = [i for i in bank if i not in taken]
+            distractors = rng.sample(pool_from, min(need, len(pool_from)))
+        else:  # rejection sampling: O(chunk), not O(n_facts) per step
+            distractors, target = [], min(need, self.n - len(relevant))
+            while len(distractors) < target:
+                i = rng.randrange(self.n)
+                if i not in taken:
+                    taken.add(i)
+                    distractors.append(i)
         return Step(relevant, distractors, [self._query(facts[i], rng) for i in relevant])
 
     def _query(self, fact: TrainFact, rng: random.Random) -> Query:
