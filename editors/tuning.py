@@ -39,7 +39,7 @@ class TuneConfig:
     lr: float = 7e-4
     max_steps: int = 25
     layers: tuple[int, ...] | None = None  # None: the introspected early window (editors.layers)
-    norm_constraint: float | None = 0.05
+    norm_constraint: float | None = 0.011  # relative: ~2e-3 on SmolLM2-135M (down_proj std ~0.185), docs/ice.md
     box_mode: str = "relative"
     grad_clip: float | None = 1.0
     early_stop: bool = True

@@ -258,5 +258,8 @@ def test_ice_sequential_counterfacts_on_default_model(default_model):
             assert result.ok, result.error
             answer = generate_greedy(model, tokenizer, [fact.prompt], max_new_tokens=6)[0]
             assert answer.startswith(fact.target), (fact.prompt, answer, result.history[-1])
+            assert result.steps < editor.config.max_steps  # it stopped early, once learned
+        finals = generate_greedy(model, tokenizer, [f.prompt for f in COUNTERFACTS], max_new_tokens=6)
+        assert [a.startswith(f.target) for a, f in zip(finals, COUNTERFACTS)] == [True] * 3, finals
     finally:
         restore(model, saved)  # the session-wide model goes back to base for other tests
