@@ -193,8 +193,13 @@ class ModelState:
         for edit in self.applied_edits():
             apply_delta(self.model, self._load_delta(edit))
 
-    def rollback(self, fact_id: int) -> int:
-        """Remove one fact's edit from the live model; returns the new model version."""
+    def rollback(self, fact_id: int, editors: dict[str, Editor] | None = None) -> int:
+        """Remove one fact's edit from the live model; returns the new model version.
+
+        Without `editors`, the later edits' recorded deltas are replayed (bit-exact, fast). A later delta
+        was learned on top of the removed one, though, so its fact may stop answering. With `editors`
+        (backend -> editor), the later facts are edited again instead, on the model without the removed
+        edit, and recorded as new edits; their old rows are marked rolled back."""
         self.store.get_fact(fact_id)
         with self.store.transaction() as s:
             edit = s.scalars(select(Edit).where(Edit.fact_id == fact_id, Edit.status == "applied",
@@ -204,9 +209,21 @@ class ModelState:
             version = self.version + 1
             edit.status = "rolled_back"
             s.add(Event(fact_id=fact_id, kind="rolled_back", detail={"edit": edit.id, "model_version": version}))
+            later = []
+            if editors is not None:
+                later = list(s.scalars(select(Edit).where(Edit.status == "applied", Edit.backend != "gist",
+                                                          Edit.model_version > edit.model_version)
+                                       .order_by(Edit.model_version)))
+                for row in later:
+                    row.status = "rolled_back"
+                    s.add(Event(fact_id=row.fact_id, kind="rolled_back",
+                                detail={"edit": row.id, "reason": f"re-edited after rolling back fact {fact_id}"}))
             self.store.set_meta(MODEL_VERSION_KEY, str(version), session=s)
+            redo = [(row.backend, s.get(Fact, row.fact_id)) for row in later]
         self._replay()
-        return version
+        for backend, fact in redo:
+            self.apply(fact, editors[backend], backend)
+        return self.version
 
     @contextmanager
     def unedited(self):

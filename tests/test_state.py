@@ -149,3 +149,27 @@ def test_unedited_gives_base_weights_and_then_the_edits_back(store):
     with state.unedited():
         assert same(weights(model), base)
     assert same(weights(model), edited)
+
+
+def test_rollback_with_editors_re_edits_the_later_facts(store):
+    model = tiny_llama()
+    state = ModelState(store, model)
+    ids = add(store, "alpha", "beta", "gamma")
+    editor = NudgeEditor(model)
+    for fact in state.pending_facts():
+        state.apply(fact, editor, "ftm")
+    version = state.rollback(ids[0], editors={"ftm": editor})
+    assert version == 6  # 3 edits, the rollback, 2 re-edits
+    counts = store.counts()["edits"]["ftm"]
+    assert counts == {"applied": 2, "rolled_back": 3}
+    # the live model equals a fresh run of the two remaining facts, in order, on the base model
+    fresh_store_model = tiny_llama()
+    fresh = NudgeEditor(fresh_store_model)
+    from editors.base import EditRequest
+
+    for target in ("beta", "gamma"):
+        fresh.edit(EditRequest(f"Fact {target} is", target))
+    assert same(weights(model), weights(fresh_store_model))
+    restarted = tiny_llama()
+    ModelState(store, restarted).rebuild()
+    assert same(weights(restarted), weights(model))

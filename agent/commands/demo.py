@@ -114,8 +114,10 @@ def cmd_demo(args) -> int:
         print(f"     {prompt} -> {y!r}" + ("" if x == y else f" (was {x!r})"))
 
     print(f"== 7. roll back the edit of fact {chosen[0].id}")
-    version = state.rollback(chosen[0].id)
-    print(f"   model version {version}; {chosen[0].prompt} -> {_answers(loaded, [chosen[0].prompt])[0]!r}")
+    version = state.rollback(chosen[0].id, editors={args.method: editor})  # later facts are edited again
+    for fact, answer in zip(chosen, _answers(loaded, [f.prompt for f in chosen])):
+        print(f"   model version {version}; {fact.prompt} -> {answer!r}"
+              + (" (rolled back)" if fact.id == chosen[0].id else f" (target {fact.target})"))
     counts = store.counts()
     print(f"== done: {counts['facts']['active']} active facts, edits {json.dumps(counts['edits'])}")
     note(f"demo store: {db} (try: engram ask --db {db} \"{chosen[-1].prompt}\")")

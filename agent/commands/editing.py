@@ -45,11 +45,17 @@ def cmd_edit(args) -> int:
 
 def _configure_rollback(p) -> None:
     p.add_argument("fact_id", type=int)
+    p.add_argument("--replay-deltas", action="store_true",
+                   help="replay the later edits' recorded deltas (fast, bit-exact) instead of editing their facts again")
 
 
 def cmd_rollback(args) -> int:
-    _, _, state = load_state(args)
-    version = state.rollback(args.fact_id)
+    from editors.registry import WEIGHT_EDITORS, make_editor
+
+    _, loaded, state = load_state(args)
+    editors = None if args.replay_deltas else {
+        method: make_editor(method, loaded.model, loaded.tokenizer) for method in WEIGHT_EDITORS}
+    version = state.rollback(args.fact_id, editors)
     emit(args, {"fact_id": args.fact_id, "model_version": version},
          f"rolled back the edit of fact {args.fact_id}; model version {version}")
     return 0
