@@ -17,8 +17,8 @@ REAL = Path(__file__).resolve().parents[2] / "shared" / "data"
 @pytest.mark.parametrize("name, fmt", [
     ("knowedit_zsre.json", "knowedit"), ("knowedit_wiki.json", "knowedit"), ("knowedit.jsonl", "knowedit"),
     ("wikibio.json", "wikibio"), ("zsre.json", "zsre"), ("counterfact.json", "counterfact"),
-    ("rome_counterfact.json", "rome"), ("mquake.json", "mquake"), ("dune/new_info.json", "dune"),
-    ("dune/debiasing_I.json", "dune"), ("dune/arithmetic.json", "dune"),
+    ("rome_counterfact.json", "rome"), ("mquake.json", "mquake"), ("dune/mini_new_info.json", "dune"),
+    ("dune/mini_debiasing_I.json", "dune"), ("dune/mini_arithmetic.json", "dune"),
 ])
 def test_detect_format(name, fmt):
     assert detect_format(FIX / name) == fmt
@@ -120,17 +120,17 @@ def test_mquake_edits_multihop_and_hops():
 
 
 def test_dune_files():
-    (info,) = load_dataset(FIX / "dune" / "new_info.json")
+    (info,) = load_dataset(FIX / "dune" / "mini_new_info.json")
     assert info.text.startswith("March 3, 2031") and not info.editable and info.edits == []
     assert [(p.answer, p.kind) for p in info.portability] == [("B", "dune_test"), ("March 3, 2031", "dune_test")]
-    (sci,) = load_dataset(FIX / "dune" / "scientific.json")
+    (sci,) = load_dataset(FIX / "dune" / "mini_scientific.json")
     assert sci.portability[0].answers == ["B"] and sci.portability[0].prompt.startswith("Why does ice")
-    first, _ = load_dataset(FIX / "dune" / "arithmetic.json")
+    first, _ = load_dataset(FIX / "dune" / "mini_arithmetic.json")
     assert (first.prompt, first.target) == ("12 * 3 - 6 =", "31")
     assert first.portability[0].answers == ["31"]
-    (bias,) = load_dataset(FIX / "dune" / "debiasing_I.json")  # the "edits:" key; the garbled triple is skipped
+    (bias,) = load_dataset(FIX / "dune" / "mini_debiasing_I.json")  # the "edits:" key; the garbled triple is skipped
     assert [(p.answer, p.kind) for p in bias.portability] == [("the woman", "dune_biased")]
-    (loc,) = load_dataset(FIX / "dune" / "new_info_locality.json")
+    (loc,) = load_dataset(FIX / "dune" / "mini_new_info_locality.json")
     assert loc.text is None and loc.portability == [] and loc.locality[0].kind == "dune_locality"
 
 
