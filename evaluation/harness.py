@@ -108,7 +108,7 @@ class Harness:
         try:
             self._stream(method, run, points, start_at)
             if self.config.protocol != "single":
-                run.retention = self._measure_all(method, self.cases, desc=f"{name} retention")
+                run.retention = self._retention(method, start_at)
             self._pplr(method, run)
         finally:
             method.reset()
@@ -140,6 +140,19 @@ class Harness:
             method.save_state(self.out / f"state-{method.name}.safetensors")
             if hasattr(bar, "set_postfix_str"):
                 bar.set_postfix_str(f"case {case.case_id}")
+
+    def _retention(self, method: Method, start_at: int) -> list[CaseScore]:
+        """Every case measured after the last edit; kept on disk, so a resumed finished run reuses it."""
+        path = self.out / f"retention-{method.name}.jsonl"
+        if start_at == len(self.cases) and path.exists():
+            kept = [CaseScore.from_json(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+            if [s.case_id for s in kept] == [c.case_id for c in self.cases]:
+                return kept
+        scores = self._measure_all(method, self.cases, desc=f"{method.name} retention")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(s.to_json()) + "\n" for s in scores))
+        tmp.replace(path)
+        return scores
 
     def _measure_all(self, method: Method, cases: Sequence[EditCase], desc: str | None,
                      generation: bool = True) -> list[CaseScore]:

@@ -141,28 +141,37 @@ def _span_predictions(model, tokenizer, prompts: Sequence[str], targets: Sequenc
 
     Batches are RIGHT padded with an attention mask: a causal model never looks right, so the real tokens'
     logits (and their default 0..n-1 positions) are the same as unpadded. Longest first, to pad little.
+    Leading tokens that every prompt shares (ICL's facts block) run once (editors.prefix_cache).
     """
+    from editors.prefix_cache import shared_prefix_for
+
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     encoded = [encode_target(tokenizer, p, t) for p, t in zip(prompts, targets)]
+    # every scored row (start - 1) must lie in the part that runs, so share at most min(start) - 1 tokens
+    prefix = shared_prefix_for(model, [ids for ids, _ in encoded], min((s for _, s in encoded), default=1) - 1)
+    skip = prefix.length if prefix else 0
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     device, pad = _device(model), _pad_id(tokenizer)
     results: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(encoded)
     for first in range(0, len(order), batch_size):
         chunk = order[first:first + batch_size]
-        width = len(encoded[chunk[0]][0])
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # [B, L]
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)  # [B, L]
+        width = len(encoded[chunk[0]][0]) - skip
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # [B, L - skip]
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)  # [B, L - skip]
         for row, i in enumerate(chunk):
-            ids = encoded[i][0]
+            ids = encoded[i][0][skip:]
             input_ids[row, :len(ids)] = torch.tensor(ids)
             mask[row, :len(ids)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits  # [B, L, V]
+        if prefix:
+            logits = prefix.forward(input_ids.to(device), mask.to(device)).logits  # [B, L - skip, V]
+        else:
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits  # [B, L, V]
         for row, i in enumerate(chunk):
             ids, start = encoded[i]
-            pred = span_argmax(logits[row], start, len(ids)).cpu()
+            pred = span_argmax(logits[row], start - skip, len(ids) - skip).cpu()
             results[i] = (torch.tensor(ids[start:]), pred)
     return results  # type: ignore[return-value]
 

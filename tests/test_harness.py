@@ -95,6 +95,17 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path, loaded, monkeypatch):
     assert [s.edit_success for s in again.scores] == [s.edit_success for s in first.scores]
 
 
+def test_a_finished_run_reuses_its_retention_scores(tmp_path, loaded, monkeypatch):
+    cfg = config(tmp_path, methods=["icl"], every=None)
+    first = Harness(cfg, loaded).run()["icl"]
+    assert (Path(cfg.out) / "retention-icl.jsonl").exists()
+    from evaluation.measure import Scorer
+
+    monkeypatch.setattr(Scorer, "score", lambda *a, **k: pytest.fail("a finished run must not measure again"))
+    again = Harness(cfg, loaded).run()["icl"]
+    assert [s.to_json() for s in again.retention] == [s.to_json() for s in first.retention]
+
+
 def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(ConfigError):
         config(tmp_path, protocol="random")

@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from editors.prefix_cache import cache_kwarg as _cache_kw
+from editors.prefix_cache import cache_of as _cache_of
 from editors.incomes.memory import GistMemory, default_addon_dir
 from editors.incomes.modules import GistAddon
 
@@ -22,17 +24,6 @@ def _facts(n: int) -> list[str]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _cache_kw(model) -> str:
-    """transformers 5.2x renamed `past_key_values` to `cache`; use whichever this version's forward takes."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _cache_of(out):
-    return out.cache if hasattr(out, "cache") else out.past_key_values
 
 
 @torch.no_grad()
