@@ -47,7 +47,8 @@ class GistState:
         missing = [f for fid, f in applied.items() if fid not in self.memory.pool]
         if missing:
             log.warning("recompressing %d applied gist fact(s) missing from the pool file", len(missing))
-            self.memory.add([f.id for f in missing], [f.statement for f in missing], [self._scope(f) for f in missing])
+            self.memory.add([f.id for f in missing], [f.statement for f in missing], [self._scope(f) for f in missing],
+                            [f.subject for f in missing])
         if stray or missing:
             self.memory.save(self.path)
         return len(self.memory)
@@ -62,7 +63,8 @@ class GistState:
         if not todo:
             return 0.0
         started = time.perf_counter()
-        self.memory.add([f.id for f in todo], [f.statement for f in todo], [self._scope(f) for f in todo])
+        self.memory.add([f.id for f in todo], [f.statement for f in todo], [self._scope(f) for f in todo],
+                        [f.subject for f in todo])
         seconds = time.perf_counter() - started
         self.memory.save(self.path)
         with self.store.transaction() as s:

@@ -232,6 +232,7 @@ class GistMethod(Method):
     """The InComeS gist pool: each learned fact is compressed into one row; queries read the pool."""
 
     name = "gist"
+    mention_gate = True  # a fact's gist is read only by queries that mention its subject (GistMemory)
 
     def __init__(self, model, tokenizer, model_name: str = "smollm2-135m", gist_addon=None, **kw):
         super().__init__(model, tokenizer)
@@ -245,9 +246,11 @@ class GistMethod(Method):
             from editors.incomes.modules import GistAddon
 
             if isinstance(self._addon_source, GistAddon):
-                self._memory = GistMemory(self.model, self.tokenizer, self._addon_source)
+                self._memory = GistMemory(self.model, self.tokenizer, self._addon_source,
+                                          mention_gate=self.mention_gate)
             else:
-                self._memory = GistMemory.open(self.model, self.tokenizer, self._model_name, self._addon_source)
+                self._memory = GistMemory.open(self.model, self.tokenizer, self._model_name, self._addon_source,
+                                               mention_gate=self.mention_gate)
         return self._memory
 
     def unavailable(self) -> str | None:
@@ -264,7 +267,8 @@ class GistMethod(Method):
 
         started = time.perf_counter()
         texts = [statement(e.prompt, e.target) for e in case.edits]
-        self.memory.add(list(range(self._count, self._count + len(texts))), texts)
+        self.memory.add(list(range(self._count, self._count + len(texts))), texts,
+                        subjects=[e.subject for e in case.edits])
         self._count += len(texts)
         return Learned(seconds=time.perf_counter() - started)
 
@@ -292,4 +296,12 @@ class GistMethod(Method):
             self.learn(case)
 
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Method, FTMMethod, ICEMethod, GistMethod, ICLMethod, RAGMethod)}
+class UngatedGistMethod(GistMethod):
+    """The gist pool with every gist readable by every query: the learned selection alone."""
+
+    name = "gist-ungated"
+    mention_gate = False
+
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Method, FTMMethod, ICEMethod, GistMethod,
+                                                              UngatedGistMethod, ICLMethod, RAGMethod)}

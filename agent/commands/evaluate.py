@@ -1,7 +1,6 @@
 """`engram eval`: every method on the same stream of benchmark cases; results, curve, plots and a report."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

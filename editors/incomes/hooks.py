@@ -8,9 +8,11 @@ dict keeps its keys and tensors, and with no pool the branch hooks return None: 
 computation is exactly what it was, so logits are bit-identical by construction.
 
 Per forward of the decoder:
-1. decoder pre-hook: forget the previous forward's per-call state;
+1. decoder pre-hook: forget the previous forward's per-call state; note whether the forward continues
+   a cached sequence (a decoding step) or starts new ones;
 2. embedding pre-hook: find <GIST> tokens, mark the tokens after the last one in each row as
    allowed to read the pool, map the gist id to a valid row (it may lie past the embedding matrix);
+   when pool rows carry anchors, work out which rows each sequence may read (the mention gate);
    embedding hook: put the add-on's gist embedding at those positions;
 3. upper-layer attention pre-hook: keep (hidden_states, (cos, sin)) for the gist branch; in the
    compression pass, compute the gist position's K (pre-RoPE, after k_norm) and V;
@@ -34,6 +36,12 @@ class BoundPool:
 
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
     n: int
+    anchors: list[list[str]] = field(default_factory=list)  # per row, anchors as id strings; [] = no gate
+
+
+def id_string(ids) -> str:
+    """Token ids as a string, one character per id, so `in` finds a contiguous id subsequence."""
+    return "".join(map(chr, ids))
 
 
 @dataclass
@@ -46,6 +54,9 @@ class GistRuntime:
     stash: dict = field(default_factory=dict)  # layer -> (hidden [B, T, C], (cos, sin))
     capture_at: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, cols) while compressing
     captured: dict = field(default_factory=dict)  # layer -> (K [N, KVH, D], V [N, KVH, D])
+    continuing: bool = False  # this forward extends cached sequences (a decoding step)
+    history: list[str] | None = None  # per sequence: its tokens so far (id string), for the mention gate
+    visible: torch.Tensor | None = None  # [B, N] bool: which pool rows each sequence may read (None: all)
 
     def set_pool(self, view, layer_ids: tuple[int, ...]) -> None:
         if view is None or len(view) == 0:
@@ -56,23 +67,34 @@ class GistRuntime:
         if missing:
             raise GistHookError(f"pool view lacks gists for upper layers {missing}")
         kv = {i: (view.keys[layers.index(i)], view.values[layers.index(i)]) for i in layer_ids}
-        self.pool = BoundPool(kv, int(view.keys.shape[1]))
+        anchors = [[id_string(a) for a in row] for row in getattr(view, "anchors", ())]
+        self.pool = BoundPool(kv, int(view.keys.shape[1]), anchors)
 
     def new_forward(self) -> None:
-        self.read, self.gist_mask = None, None
+        self.read, self.gist_mask, self.visible = None, None, None
         self.stash.clear()
 
     def clear(self) -> None:
         self.new_forward()
-        self.pool, self.capture_at = None, None
+        self.pool, self.capture_at, self.history = None, None, None
         self.captured.clear()
+
+    def gate_by_mention(self, ids: torch.Tensor) -> None:
+        """Set `visible` [B, N]: a row with anchors is readable by a sequence whose tokens (this forward's,
+        after those of earlier forwards when decoding) contain one of its anchors."""
+        rows = [id_string(r) for r in ids.tolist()]
+        if self.continuing and self.history is not None and len(self.history) == len(rows):
+            rows = [before + now for before, now in zip(self.history, rows)]
+        self.history = rows
+        self.visible = torch.tensor([[not anchors or any(a in row for a in anchors) for anchors in self.pool.anchors]
+                                     for row in rows], dtype=torch.bool, device=ids.device)  # [B, N]
 
 
 def install(addon, model: nn.Module) -> list:
     """Register every hook of `addon` on `model`; returns the handles (remove() them to detach)."""
     decoder, layers = find_layer_stack(model)
     rt = addon.runtime
-    handles = [decoder.register_forward_pre_hook(lambda module, args: rt.new_forward())]
+    handles = [decoder.register_forward_pre_hook(_decoder_pre(rt), with_kwargs=True)]
     emb = model.get_input_embeddings()
     handles.append(emb.register_forward_pre_hook(_embedding_pre(addon, emb.num_embeddings)))
     handles.append(emb.register_forward_hook(_embedding_post(addon)))
@@ -89,11 +111,26 @@ def install(addon, model: nn.Module) -> list:
     return handles
 
 
+def _decoder_pre(rt: GistRuntime):
+    def hook(module, args, kwargs):
+        rt.new_forward()
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        try:
+            rt.continuing = cache is not None and int(cache.get_seq_length()) > 0
+        except (AttributeError, TypeError):  # a legacy tuple cache
+            rt.continuing = bool(cache)
+        return None
+
+    return hook
+
+
 def _embedding_pre(addon, num_embeddings: int):
     rt = addon.runtime
 
     def hook(module, args):
         ids = args[0]  # [B, T]
+        if rt.pool is not None and rt.pool.anchors:
+            rt.gate_by_mention(ids)
         mask = ids == addon.gist_token_id  # [B, T]
         if not bool(mask.any()):
             return None
@@ -159,7 +196,7 @@ def _o_proj_pre(addon, idx: int, attn: nn.Module):
         if y.shape[-1] != width or y.shape[:-1] != hidden.shape[:-1]:
             raise GistHookError(f"layer {idx}: o_proj input {tuple(y.shape)} is not [B, T, {width}]")
         keys, values = bound.kv[idx]
-        out = branch(attn, hidden, cos_sin, y, keys, values, rt.read, addon.temperature(bound.n))
+        out = branch(attn, hidden, cos_sin, y, keys, values, rt.read, addon.temperature(bound.n), rt.visible)
         return (out, *args[1:])
 
     return hook

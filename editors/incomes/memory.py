@@ -4,6 +4,13 @@ It loads the trained add-on shipped for a model (or one given by path), attaches
 and keeps one GistPool of compressed facts: `add` compresses facts (one batched forward, no backward)
 and appends their rows, `remove` drops exactly one row, `reading(user_id)` lets the forwards inside
 read global facts plus that user's. With no rows visible the model is bit-identical to the base model.
+
+The mention gate (on by default): a fact added with its subject is readable only by a query whose tokens
+mention that subject, so "The mother tongue of Léon Blum is" cannot read the gist of "The mother tongue of
+Danielle Darrieux is English" however similar the two sentences are. A 135M model's learned selection
+alone tells such neighbours apart poorly (docs/incomes.md); the gate is a scope classifier of the kind
+SERAC and GRACE use, exact and free. Facts without a subject stay visible to every query, and queries that
+never name the subject (multi-hop, aliases) cannot read the fact: that is the price.
 """
 from __future__ import annotations
 
@@ -29,30 +36,50 @@ def default_addon_dir(model_name: str) -> Path | None:
 
 
 class GistMemory:
-    def __init__(self, model, tokenizer, addon: GistAddon, compress_batch: int = 32):
+    def __init__(self, model, tokenizer, addon: GistAddon, compress_batch: int = 32, mention_gate: bool = True):
         self.model, self.tokenizer, self.addon = model, tokenizer, addon
-        self.compress_batch = compress_batch
+        self.compress_batch, self.mention_gate = compress_batch, mention_gate
         addon.attach(model, add_gist_token(tokenizer))
         self.pool = GistPool.for_addon(addon)
 
     @classmethod
-    def open(cls, model, tokenizer, model_name: str, addon_dir: str | Path | None = None) -> "GistMemory":
+    def open(cls, model, tokenizer, model_name: str, addon_dir: str | Path | None = None,
+             mention_gate: bool = True) -> "GistMemory":
         """Load the add-on for `model_name` (or from `addon_dir`); a clear error when there is none."""
         directory = Path(addon_dir) if addon_dir else default_addon_dir(model_name)
         if directory is None or not directory.exists():
             raise ConfigError(f"no trained gist add-on for model {model_name!r}: train one with "
                               "`python -m editors.incomes.train` and pass its directory")
-        return cls(model, tokenizer, GistAddon.load(directory, model))
+        return cls(model, tokenizer, GistAddon.load(directory, model), mention_gate=mention_gate)
 
     def __len__(self) -> int:
         return len(self.pool)
 
-    def add(self, fact_ids: Sequence, texts: Sequence[str], scopes: str | None | Sequence[str | None] = None) -> None:
-        """Compress `texts` and append one row per fact; the other rows are never recomputed."""
+    def add(self, fact_ids: Sequence, texts: Sequence[str], scopes: str | None | Sequence[str | None] = None,
+            subjects: Sequence[str | None] | None = None) -> None:
+        """Compress `texts` and append one row per fact; the other rows are never recomputed.
+
+        With the mention gate on, each fact's subject (if any) becomes its anchors."""
         if not texts:
             return
         gists = compress_texts(self.model, self.tokenizer, self.addon, list(texts), batch_size=self.compress_batch)
-        self.pool.append(list(fact_ids), gists, scopes=scopes)
+        anchors = [self.anchors(s) for s in subjects] if subjects is not None and self.mention_gate else None
+        self.pool.append(list(fact_ids), gists, scopes=scopes, anchors=anchors)
+
+    def anchors(self, subject: str | None) -> list[list[int]]:
+        """The token-id sequences by which a query mentions `subject`: at the start of a text or after a
+        space, with its first letter as given or case-flipped ("the Beatles" / "The Beatles")."""
+        subject = " ".join((subject or "").split())
+        if not subject:
+            return []
+        forms = {subject, subject[0].swapcase() + subject[1:]}
+        out = []
+        for form in sorted(forms):
+            for text in (form, " " + form):
+                ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
 
     def remove(self, fact_id) -> None:
         self.pool.remove(fact_id)

@@ -94,7 +94,7 @@ class GistAttention(nn.Module):
 
     def forward(self, attn: nn.Module, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 y: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                read: torch.Tensor | None, temperature: float) -> torch.Tensor:
+                read: torch.Tensor | None, temperature: float, visible: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = h.shape
         H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.queries(attn, h, cos_sin)  # [B, H, T, D]
@@ -103,6 +103,9 @@ class GistAttention(nn.Module):
         k = k.repeat_interleave(H // KVH, dim=1)  # [N+1, H, D], head h reads kv head h // (H/KVH)
         v = v.repeat_interleave(H // KVH, dim=1)  # [N+1, H, D]
         att = torch.einsum("bhtd,nhd->bhtn", q, k) * (attn.scaling / temperature)  # [B, H, T, N+1]
+        if visible is not None:  # the mention gate: rows a sequence may not read drop out of its softmax
+            keep = F.pad(visible, (1, 0), value=True)[:, None, None, :]  # [B, 1, 1, N+1], zero-gist always
+            att = att.masked_fill(~keep, float("-inf"))
         att = att.softmax(dim=-1, dtype=torch.float32).to(q.dtype)  # [B, H, T, N+1]
         g = torch.einsum("bhtn,nhd->bhtd", att, v)  # [B, H, T, D]
         if self.gate is not None:

@@ -5,8 +5,12 @@ fact writes its row and never touches (or recomputes) the others. Removing a fac
 its row (the rows after it shift up; order is kept). Each row has a scope: None = global (visible to
 every chat) or a user_id (visible only to that user's chats); `view(user_id)` is global + that user's.
 
+A row may also carry **anchors**: token-id sequences (its subject, as the tokenizer writes it). A row with
+anchors is visible to a query only when the query's tokens contain one of them (the mention gate, see
+GistMemory); a row without anchors is visible to every query.
+
 On disk a pool is one safetensors file: the tensors plus, in its header metadata, the JSON of fact
-ids, scopes and shapes. One file written to a temp name and os.replace()d is atomic: a crash leaves
+ids, scopes, anchors and shapes. One file written to a temp name and os.replace()d is atomic: a crash leaves
 the old pool or the new one, never a mix of tensors and ids.
 """
 from __future__ import annotations
@@ -38,6 +42,7 @@ class PoolView:
     keys: torch.Tensor
     values: torch.Tensor
     fact_ids: tuple
+    anchors: tuple = ()  # per row: a tuple of token-id tuples, or () (always visible); empty: none anywhere
 
     def __len__(self) -> int:
         return len(self.fact_ids)
@@ -53,6 +58,7 @@ class GistPool:
         self._values = torch.empty_like(self._keys)  # [L, capacity, KVH, D]
         self._ids: list = []
         self._scopes: list[str | None] = []
+        self._anchors: list[list[list[int]]] = []
         self._version = 0
         self._views: dict = {}
 
@@ -76,11 +82,17 @@ class GistPool:
     def scope_of(self, fact_id) -> str | None:
         return self._scopes[self._row(fact_id)]
 
-    def append(self, fact_ids: Sequence[Hashable], gists, scopes: str | None | Sequence[str | None] = None) -> None:
-        """Add one row per fact. `gists` has .layers and .keys/.values [L, N, KVH, D] (CompressedGists)."""
+    def append(self, fact_ids: Sequence[Hashable], gists, scopes: str | None | Sequence[str | None] = None,
+               anchors: Sequence[Sequence[Sequence[int]]] | None = None) -> None:
+        """Add one row per fact. `gists` has .layers and .keys/.values [L, N, KVH, D] (CompressedGists);
+        `anchors`, when given, holds per fact the token-id sequences that make it visible (empty: always)."""
         fact_ids = list(fact_ids)
         n = len(fact_ids)
         scopes = [scopes] * n if scopes is None or isinstance(scopes, str) else list(scopes)
+        anchors = [[] for _ in fact_ids] if anchors is None else [[[int(t) for t in a] for a in row if len(a)]
+                                                                   for row in anchors]
+        if len(anchors) != n:
+            raise ValidationError(f"{len(anchors)} anchor lists for {n} facts")
         self._check_append(fact_ids, gists, scopes)
         if n == 0:
             return
@@ -91,6 +103,7 @@ class GistPool:
             self._values[:, start:start + n] = gists.values.detach().to(self.device, self.dtype)
         self._ids.extend(fact_ids)
         self._scopes.extend(scopes)
+        self._anchors.extend(anchors)
         self._touch()
 
     def remove(self, fact_id) -> None:
@@ -100,7 +113,7 @@ class GistPool:
         index = torch.tensor(keep, dtype=torch.long, device=self.device)  # handed out stay valid
         self._keys = self._keys.index_select(1, index)  # [L, capacity-1, KVH, D]
         self._values = self._values.index_select(1, index)
-        del self._ids[row], self._scopes[row]
+        del self._ids[row], self._scopes[row], self._anchors[row]
         self._touch()
 
     # -- views ------------------------------------------------------------------------------------
@@ -135,7 +148,7 @@ class GistPool:
         n = len(self)
         meta = {"format": POOL_FORMAT, "layers": list(self.layers), "n_kv_heads": self.n_kv_heads,
                 "head_dim": self.head_dim, "dtype": str(self.dtype).removeprefix("torch."), "tag": self.tag,
-                "fact_ids": self._ids, "scopes": self._scopes}
+                "fact_ids": self._ids, "scopes": self._scopes, "anchors": self._anchors}
         tensors = {"keys": self._keys[:, :n].contiguous().cpu(), "values": self._values[:, :n].contiguous().cpu()}
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         os.close(fd)
@@ -164,7 +177,8 @@ class GistPool:
                    meta.get("tag"))
         from editors.incomes.compress import CompressedGists
 
-        pool.append(meta["fact_ids"], CompressedGists(pool.layers, keys, values), meta["scopes"])
+        pool.append(meta["fact_ids"], CompressedGists(pool.layers, keys, values), meta["scopes"],
+                    meta.get("anchors"))  # pools saved before anchors existed have none
         return pool
 
     # -- internals --------------------------------------------------------------------------------
@@ -216,6 +230,8 @@ class GistPool:
         else:
             index = torch.tensor(rows, dtype=torch.long, device=self.device)
             keys, values = self._keys.index_select(1, index), self._values.index_select(1, index)
-        view = PoolView(self.layers, keys, values, tuple(self._ids[i] for i in rows))
+        anchors = tuple(tuple(tuple(a) for a in self._anchors[i]) for i in rows)
+        view = PoolView(self.layers, keys, values, tuple(self._ids[i] for i in rows),
+                        anchors if any(anchors) else ())
         self._views[key] = view
         return view

@@ -31,7 +31,7 @@ from editors.incomes.config import GistConfig
 from editors.incomes.modules import GistAddon, replace_directory
 from editors.incomes.objective import Tokens, encode, heldout_check, student_loss, teacher_targets
 from editors.incomes.traindata import (CHUNK_PROBS, CHUNK_SIZES, ChunkSampler, fact_text, load_train_facts,
-                                       split_holdout)
+                                       split_holdout, with_question_twins)
 from memory.errors import ConfigError, EngramError
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class TrainConfig:
     locality_prob: float = 0.3
     paraphrase_prob: float = 0.5
     period_prob: float = 0.3  # chance that a fact is written with a final period
+    question_twins: float = 0.0  # fraction of train facts also given as "question? answer" (ZsRE's form)
     holdout: int = 200  # facts of the train files never trained on, for the periodic checks
     eval_every: int = 100  # steps between held-out checks (0 = none)
     eval_seconds: float = 0.0  # also check every this many seconds (0 = off)
@@ -88,7 +89,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0")
         if not (self.lr > 0 and self.fast_lr_mult > 0 and 0 <= self.min_lr_ratio <= 1 and self.grad_clip > 0):
             raise ConfigError("lr, fast_lr_mult and grad_clip must be > 0 and min_lr_ratio in [0, 1]")
-        for name in ("locality_prob", "paraphrase_prob", "period_prob", "curriculum"):
+        for name in ("locality_prob", "paraphrase_prob", "period_prob", "curriculum", "question_twins"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must lie in [0, 1]")
         if self.zero_key_init not in ZERO_KEY_INITS:
@@ -272,7 +273,8 @@ def _summary(step: int, seconds: float, check: dict, label: str = "check") -> st
 
 
 def train(model, tokenizer, facts, cfg: TrainConfig, gist_cfg: GistConfig, run_dir: str | Path,
-          resume: bool = True, command: str | None = None, checkpoint_dir: str | Path | None = None) -> GistAddon:
+          resume: bool = True, command: str | None = None, checkpoint_dir: str | Path | None = None,
+          init_addon: str | Path | None = None) -> GistAddon:
     """Train (or resume) an add-on on `facts` (TrainFact list); returns it, also saved in RUN/addon.
 
     With cfg.time_budget the whole call (setup, training, final check, save) aims to fit the budget."""
@@ -282,6 +284,8 @@ def train(model, tokenizer, facts, cfg: TrainConfig, gist_cfg: GistConfig, run_d
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else run_dir / "checkpoint"
     torch.manual_seed(cfg.seed)
     train_facts, holdout = split_holdout(facts, cfg.holdout, cfg.seed)
+    train_facts = with_question_twins(train_facts, cfg.question_twins, cfg.seed)  # twins of train facts only
+    facts = train_facts + holdout
     gist_id = add_gist_token(tokenizer, gist_cfg.gist_token)
     model_dtype = model.get_input_embeddings().weight.dtype
     master = torch.float32 if cfg.amp != "none" else model_dtype  # float32 master weights under autocast
@@ -291,6 +295,10 @@ def train(model, tokenizer, facts, cfg: TrainConfig, gist_cfg: GistConfig, run_d
         log.info("resuming %s at step %d", ckpt_dir, start)
         if addon.config != gist_cfg:
             log.warning("resuming with the checkpoint's gist config %s, not %s", addon.config, gist_cfg)
+    elif init_addon:  # warm start: a trained add-on's weights, a fresh optimiser and schedule
+        addon = GistAddon.load(init_addon, model).to(dtype=master)
+        opt, start = factory(addon), 0
+        log.info("starting from the add-on in %s", init_addon)
     else:
         addon = GistAddon.for_model(model, gist_cfg).to(dtype=master)
         opt, start = factory(addon), 0
@@ -356,7 +364,7 @@ def train(model, tokenizer, facts, cfg: TrainConfig, gist_cfg: GistConfig, run_d
     addon.attach(model, gist_id)
     step, final = start, None
     try:
-        if start == 0 and cfg.zero_key_init == "sink":
+        if start == 0 and cfg.zero_key_init == "sink" and not init_addon:  # a warm start keeps its trained keys
             with amp_context(device, cfg.amp):
                 init_zero_keys_at_sink(model, addon, [tokens.text(f.text) for f in train_facts[:64]], tokens.pad)
         with open(run_dir / "log.jsonl", "a") as curve:
@@ -461,6 +469,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", default=None,
                    help="where the resumable checkpoint goes (default RUN/checkpoint)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
+    p.add_argument("--init-addon", default=None, help="start from this trained add-on directory (warm start)")
     p.add_argument("--max-facts", type=int, default=None, help="use only the first N facts (smoke runs)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--adapter-rank", type=int, default=16)
@@ -513,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("model %s on %s (load %.1fs); %d facts", loaded.name, loaded.device, loaded.seconds, len(facts))
         command = "python -m editors.incomes.train " + shlex.join(argv)
         train(loaded.model, loaded.tokenizer, facts, cfg, gist_cfg, args.run_dir, not args.no_resume, command,
-              args.checkpoint_dir)
+              args.checkpoint_dir, args.init_addon)
     except EngramError as exc:
         log.error("%s", exc)
         return 2

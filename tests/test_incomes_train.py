@@ -1,0 +1,259 @@
+"""Training the gist add-on: data, sampler, objective, checkpoints, time budgets (tiny models)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editors.incomes import GistAddon, GistConfig
+from editors.incomes.introspect import find_attentions, split_call
+from editors.model import tiny_llama, tiny_tokenizer
+from tests.test_incomes import FACTS, IDS, VOCAB, attached
+
+def _synthetic_facts(n: int):
+    from editors.incomes.traindata import Query, TrainFact
+
+    names = [f"Person{i}" for i in range(n)]
+    return [TrainFact(f"{p} lives in Town{i % 7}.", Query(f"{p} lives in", f"Town{i % 7}", "edit"),
+                      (Query(f"The home of {p} is", f"Town{i % 7}", "paraphrase"),),
+                      (Query("The sky is", "blue", "locality"),)) for i, p in enumerate(names)]
+
+
+def test_train_runs_resumes_and_saves(tmp_path):
+    import json
+
+    from editors.incomes.train import TrainConfig, train
+
+    facts = _synthetic_facts(30)
+    cfg = TrainConfig(steps=2, batch_size=2, chunk_sizes=(4, 8), chunk_probs=(0.5, 0.5), holdout=6, eval_every=2,
+                      eval_facts=6, save_every=1, warmup=1, compress_batch=8)
+    model = tiny_llama(vocab_size=VOCAB).requires_grad_(False)
+    base = model(IDS).logits
+    train(model, tiny_tokenizer(), facts, cfg, GistConfig(adapter_rank=2), tmp_path, command="test")
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2]
+    assert all(math_ok(r["loss"]) for r in lines if "loss" in r)
+    assert "edit_success" in lines[-1]["heldout"]
+    longer = TrainConfig(**{**cfg.__dict__, "steps": 3})
+    addon = train(model, tiny_tokenizer(), facts, longer, GistConfig(adapter_rank=2), tmp_path, command="test")
+    steps = [json.loads(line).get("step") for line in (tmp_path / "log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3]  # resumed at step 2, not restarted
+    saved = json.loads((tmp_path / "addon" / "gist_addon.json").read_text())
+    assert saved["extra"]["command"] == "test" and saved["extra"]["steps"] == 3
+    assert torch.equal(model(IDS).logits, base)  # detached after training: the base is untouched
+    assert not torch.equal(addon.gist_embedding, GistAddon.for_model(model).gist_embedding)
+
+
+def math_ok(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+# -- training: tokenisation, objective, sampler, time budget, bf16 -----------------------------------
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one torch thread is ~50x faster than two (no OMP contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_tokens_match_the_harness_and_encode_aligns_teacher_and_student():
+    from editors.incomes.objective import Tokens, encode
+    from editors.incomes.traindata import Query
+    from evaluation.metrics import encode_target
+
+    tok = tiny_tokenizer()
+    tokens = Tokens(tok)
+    queries = [Query("Ann lives in", "Rome", "edit"), Query("The sky is", "blue", "locality")]
+    tokens.warm(["Ann lives in Rome"], queries)
+    for q in queries:
+        assert tokens.query(q.prompt, q.answer) == encode_target(tok, q.prompt, q.answer)
+    enc = encode(tokens, queries, ["Ann lives in Rome", "Bob lives in Oslo"], "cpu")
+    student = enc.student_ids[enc.s_rows, enc.s_cols + 1]  # the token each scored position predicts
+    teacher = enc.teacher_ids[enc.s_rows, enc.t_cols + 1]
+    assert torch.equal(student, enc.targets) and torch.equal(teacher, enc.targets)
+    answers = "".join(tok.decode([int(t)]) for t in enc.targets[enc.answer & enc.with_fact])
+    assert answers.strip() == "Rome"
+    assert not bool(enc.with_fact[enc.query_of == 1].any())  # a locality query: the no-fact teacher
+
+
+def test_merged_teacher_forward_matches_separate_forwards(one_thread):
+    from editors.incomes.objective import _logp, encode, teacher_targets
+    from editors.incomes.traindata import Query
+
+    model = tiny_llama(vocab_size=VOCAB)
+    addon = attached(model, adapter_rank=2)
+    tok = tiny_tokenizer()
+    queries = [Query("Ann lives in", "Rome", "edit"), Query("A long prompt about it:", "x", "paraphrase")]
+    enc = encode(tok, queries, ["Ann lives in Rome", "Ann lives in Rome and more words here"], "cpu")
+    teacher, w = teacher_targets(model, addon, enc)
+    with_fact = _logp(model, enc.teacher_ids, enc.teacher_mask, enc.s_rows, enc.t_cols)
+    without = _logp(model, enc.student_ids, enc.student_mask, enc.s_rows, enc.s_cols)
+    assert torch.allclose(teacher, with_fact, atol=1e-5)
+    gain = without.gather(1, enc.targets[:, None])[:, 0] - with_fact.gather(1, enc.targets[:, None])[:, 0]
+    assert torch.allclose(w, (-gain).clamp(min=0) * enc.answer, atol=1e-5)
+
+
+def test_chunk_sampler_curriculum_and_distractors():
+    from editors.incomes.traindata import ChunkSampler
+
+    facts = _synthetic_facts(300)
+    sampler = ChunkSampler(300, 8, (8, 16, 64), (0.0, 0.5, 0.5), curriculum=0.5)
+    assert sampler.step(0, facts, progress=0.0).distractors == []  # smallest pool first
+    assert {len(sampler.step(s, facts, progress=0.3).distractors) for s in range(40)} <= {0, 8}
+    sizes = {8 + len(sampler.step(s, facts, progress=0.9).distractors) for s in range(40)}
+    assert sizes == {16, 64}  # after the curriculum: the configured probabilities
+    plan = sampler.step(3, facts, progress=1.0)
+    assert len(set(plan.relevant + plan.distractors)) == len(plan.relevant) + len(plan.distractors)
+    assert sampler.step(3, facts, progress=1.0) == plan  # deterministic per step
+
+
+def test_fact_text_matches_the_harness_statement():
+    import random
+
+    from editors.incomes.traindata import fact_text, parse_record
+    from evaluation.methods import statement
+
+    fact = parse_record({"prompt": "Ann lives in", "target_new": "Rome"})
+    assert fact.text == statement("Ann lives in", "Rome")
+    rng = random.Random(0)
+    assert {fact_text(fact, rng, 0.5) for _ in range(50)} == {"Ann lives in Rome", "Ann lives in Rome."}
+
+
+def test_sink_init_sets_zero_keys_to_position_zero_keys(one_thread):
+    from editors.incomes.train import init_zero_keys_at_sink
+
+    model = tiny_llama(vocab_size=VOCAB)
+    addon = attached(model, adapter_rank=2, gate_init=0.0)
+    init_zero_keys_at_sink(model, addon, FACTS, pad_id=0)
+    layer = addon.layer_ids[0]
+    attn = find_attentions(model)[layer]
+    h = {}
+
+    def keep(module, args, kwargs):
+        h["x"] = split_call(args, kwargs)[0]  # [B, T, C], the attention's input
+
+    handle = attn.register_forward_pre_hook(keep, with_kwargs=True)
+    model(torch.tensor([[f[0] for f in FACTS]]).T)  # [4, 1]: each fact's first token at position 0
+    handle.remove()
+    want = attn.k_proj(h["x"][:, 0]).view(len(FACTS), -1, addon.dims.head_dim).mean(0)  # [KVH, D]
+    assert torch.allclose(addon.branches[str(layer)].zero_key, want, atol=1e-5)
+
+
+def test_train_with_a_time_budget_stops_checks_and_saves(tmp_path, one_thread):
+    import json
+    import time
+
+    from editors.incomes.train import TrainConfig, train
+
+    facts = _synthetic_facts(40)
+    cfg = TrainConfig(steps=100000, batch_size=2, chunk_sizes=(4, 8), chunk_probs=(0.5, 0.5), holdout=12,
+                      eval_facts=6, eval_every=0, eval_seconds=1.0, save_every=0, save_seconds=1.0, warmup=2,
+                      compress_batch=8, time_budget=8.0, log_every=5, distractor_grad=True, curriculum=0.5,
+                      fast_lr_mult=5.0, zero_key_init="sink", period_prob=0.5, locality_weight=2.0, ce_weight=0.5)
+    model = tiny_llama(vocab_size=VOCAB).requires_grad_(False)
+    began = time.monotonic()
+    train(model, tiny_tokenizer(), facts, cfg, GistConfig(adapter_rank=2, gate_init=0.0), tmp_path / "run",
+          command="test", checkpoint_dir=tmp_path / "ckpt")
+    assert time.monotonic() - began < 8.0 + 4.0
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss" in r]
+    assert steps and all(math_ok(r["loss"]) and r["steps_per_s"] > 0 for r in steps)
+    assert lines[0].get("check") and lines[0]["step"] == 0  # the baseline check
+    finals = [r for r in lines if r.get("final")]
+    assert len(finals) == 1 and finals[0]["heldout"]["n_facts"] == 12 and finals[0]["heldout"]["n_gists"] == 6
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["addon", "best", "log.jsonl"]
+    saved = json.loads((tmp_path / "run" / "addon" / "gist_addon.json").read_text())
+    assert saved["extra"]["steps"] == steps[-1]["step"] and "edit_success" in saved["extra"]["heldout"]
+    assert (tmp_path / "ckpt" / "optimizer.safetensors").exists()
+
+
+def test_train_bf16_autocast_keeps_float32_addon(tmp_path, one_thread):
+    from editors.incomes.train import TrainConfig, train
+
+    facts = _synthetic_facts(30)
+    cfg = TrainConfig(steps=2, batch_size=2, chunk_sizes=(4,), chunk_probs=(1.0,), holdout=6, eval_every=0,
+                      eval_facts=6, save_every=0, warmup=1, compress_batch=8, amp="bf16", distractor_grad=True)
+    model = tiny_llama(vocab_size=VOCAB).requires_grad_(False).to(torch.bfloat16)
+    addon = train(model, tiny_tokenizer(), facts, cfg, GistConfig(adapter_rank=2, gate_init=0.0), tmp_path,
+                  command="test")
+    assert all(p.dtype == torch.float32 for p in addon.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_train_cli_parses_booleans_and_new_flags():
+    from editors.incomes.train import _parser
+
+    args = _parser().parse_args(["--distractor-grad", "true", "--time-budget", "30", "--amp", "bf16",
+                                 "--zero-key-init", "sink", "--batch-size", "4", "--batch-size", "8"])
+    assert args.distractor_grad is True and args.time_budget == 30.0 and args.amp == "bf16"
+    assert args.zero_key_init == "sink" and args.batch_size == 8  # the last flag wins (GIST_ARGS overrides)
+    assert _parser().parse_args(["--distractor-grad", "false"]).distractor_grad is False
+
+
+def test_chunk_sampler_shrinks_small_pools_and_fills_to_the_last_fact():
+    from editors.incomes.traindata import ChunkSampler
+
+    facts = _synthetic_facts(20)
+    shrink = ChunkSampler(20, 8, (4, 20), (0.5, 0.5), shrink_batch=True)
+    plans = [shrink.step(s, facts) for s in range(30)]
+    assert {(len(p.relevant), len(p.distractors)) for p in plans} == {(4, 0), (8, 12)}  # all 20 facts in a pool
+    assert all(len(p.queries) == len(p.relevant) for p in plans)
+    raised = ChunkSampler(20, 8, (4, 20), (0.5, 0.5))
+    assert {len(raised.step(s, facts).relevant) for s in range(30)} == {8}
+
+
+def test_train_skips_a_step_that_runs_out_of_memory(tmp_path, one_thread, monkeypatch):
+    import json
+
+    from editors.incomes import train as train_module
+
+    real, calls = train_module.train_step, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", flaky)
+    cfg = train_module.TrainConfig(steps=3, batch_size=2, chunk_sizes=(4,), chunk_probs=(1.0,), holdout=6,
+                                   eval_every=0, eval_facts=6, save_every=0, warmup=1, compress_batch=8)
+    model = tiny_llama(vocab_size=VOCAB).requires_grad_(False)
+    train_module.train(model, tiny_tokenizer(), _synthetic_facts(30), cfg, GistConfig(adapter_rank=2), tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [1, 3] and {"step": 2, "oom": True} in lines
+
+
+def test_question_twins_ask_the_fact_as_a_question():
+    from editors.incomes.traindata import Query, TrainFact, question_of, question_twin, with_question_twins
+
+    assert question_of("The mother tongue of Danielle Darrieux is") == "What is the mother tongue of Danielle Darrieux?"
+    assert question_of("The founders of X were") == "What were the founders of X?"
+    assert question_of("Apple A5 was created by") == "Apple A5 was created by what?"
+    assert question_of("Mukkam, in") is None and question_of("What is the twin city of Lyon? It is") is None
+    fact = TrainFact("The capital of Zorbia is Quellton", Query("The capital of Zorbia is", "Quellton", "edit"),
+                     (), (Query("The sky is", "blue", "locality"),))
+    twin = question_twin(fact)
+    assert twin.text == "What is the capital of Zorbia? Quellton"
+    assert twin.edit == Query("What is the capital of Zorbia?", "Quellton", "edit")
+    assert fact.edit.prompt in [p.prompt for p in twin.paraphrases] and twin.locality == fact.locality
+    assert with_question_twins([fact], 0.0) == [fact]
+    assert with_question_twins([fact], 1.0) == [fact, twin]
+
+
+def test_train_warm_starts_from_a_saved_addon(tmp_path, one_thread):
+    from editors.incomes.train import TrainConfig, train
+
+    facts = _synthetic_facts(30)
+    cfg = TrainConfig(steps=1, batch_size=2, chunk_sizes=(4,), chunk_probs=(1.0,), holdout=6, eval_every=0,
+                      save_every=1, warmup=1, compress_batch=8, lr=1e-9, fast_lr_mult=1.0, question_twins=1.0)
+    model = tiny_llama(vocab_size=VOCAB).requires_grad_(False)
+    first = GistAddon.for_model(model, GistConfig(adapter_rank=2, zero_key_init_std=0.3))
+    first.save(tmp_path / "first")
+    warm = train(model, tiny_tokenizer(), facts, cfg, GistConfig(adapter_rank=2), tmp_path / "run",
+                 init_addon=tmp_path / "first")
+    for name, value in first.state_dict().items():  # lr ~0: the warm start kept the saved weights (no sink init)
+        torch.testing.assert_close(warm.state_dict()[name], value, atol=1e-6, rtol=0)
