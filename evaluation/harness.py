@@ -46,6 +46,7 @@ class EvalConfig:
     gen_tokens: int = 12
     fluency_n: int = 10  # fluency and pplr are measured on the first N cases (100 tokens each)
     fluency_tokens: int = 100
+    generation: bool = True  # False: teacher-forced metrics only (greedy answers cost most of a large run)
     rag_k: int = 10
 
     def __post_init__(self) -> None:
@@ -126,7 +127,8 @@ class Harness:
             run.failed_edits += not learned.ok
             score = None
             if cfg.protocol != "retention":
-                score = self.scorer.score(method, case, with_fluency=i < cfg.fluency_n)
+                score = self.scorer.score(method, case, generation=cfg.generation,
+                                          with_fluency=cfg.generation and i < cfg.fluency_n)
                 run.scores.append(score)
             if cfg.protocol == "single":
                 method.restore(token)
@@ -148,7 +150,7 @@ class Harness:
             kept = [CaseScore.from_json(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
             if [s.case_id for s in kept] == [c.case_id for c in self.cases]:
                 return kept
-        scores = self._measure_all(method, self.cases, desc=f"{method.name} retention")
+        scores = self._measure_all(method, self.cases, desc=f"{method.name} retention", generation=self.config.generation)
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(s.to_json()) + "\n" for s in scores))
         tmp.replace(path)

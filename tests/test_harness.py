@@ -127,3 +127,15 @@ def test_gist_route_runs_through_the_harness(tmp_path, loaded):
     ids = torch.tensor([[5, 6, 7]])
     assert torch.equal(loaded.model(ids).logits, tiny_llama()(ids).logits)
     assert [s.case_id for s in gist.scores] == [s.case_id for s in base.scores]
+
+
+def test_gated_and_ungated_gist_and_teacher_forced_only_runs(tmp_path, loaded):
+    from editors.incomes import GistAddon, GistConfig
+
+    addon = GistAddon.for_model(loaded.model, GistConfig(gate_init=1.0, zero_key_init_std=0.1))
+    cfg = config(tmp_path, methods=["gist", "gist-ungated"], protocol="retention", every=None, generation=False)
+    runs = Harness(cfg, loaded, gist_addon=addon).run()
+    for name in ("gist", "gist-ungated"):
+        assert runs[name].available and len(runs[name].retention) == 2
+        assert all(s.edit_success is not None and s.edit_success_gen is None for s in runs[name].retention)
+    assert not addon.attached

@@ -12,13 +12,15 @@ def _configure_eval(p) -> None:
     p.add_argument("--dataset", required=True, help="a benchmark file (KnowEdit, zsRE, CounterFact, MQuAKE, DUnE)")
     p.add_argument("--format", default="auto", help="the file's format (default: detect it)")
     p.add_argument("--n", type=int, default=100, help="number of cases (edits) in the stream")
-    p.add_argument("--methods", default="base,ftm,ice,gist,icl,rag", help="comma-separated: base,ftm,ice,gist,icl,rag")
+    p.add_argument("--methods", default="base,ftm,ice,gist,icl,rag", help="comma-separated: base,ftm,ice,gist,gist-ungated,icl,rag")
     p.add_argument("--protocol", default="sequential", choices=["single", "sequential", "retention"])
     p.add_argument("--every", type=int, default=None, help="re-measure all cases so far every K edits (curve points)")
     p.add_argument("--out", required=True, help="output directory (a rerun with the same DIR resumes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--fluency-n", type=int, default=10, help="measure fluency and PPL_r on the first N cases")
+    p.add_argument("--no-generation", action="store_true",
+                   help="teacher-forced metrics only: no greedy answers, fluency or PPL_r (large runs)")
     p.add_argument("--rag-k", type=int, default=10)
     p.add_argument("--contexts", default="template", choices=["template", "local", "openai"],
                    help="where ICE gets its paraphrase contexts during evaluation")
@@ -39,7 +41,8 @@ def cmd_eval(args) -> int:
 
     config = EvalConfig(dataset=args.dataset, out=args.out, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
                         n=args.n, format=args.format, protocol=args.protocol, every=args.every, seed=args.seed,
-                        batch_size=args.batch_size, fluency_n=args.fluency_n, rag_k=args.rag_k)
+                        batch_size=args.batch_size, fluency_n=args.fluency_n, rag_k=args.rag_k,
+                        generation=not args.no_generation)
     store = open_store(args)
     loaded = load(args)
     started = time.perf_counter()
