@@ -47,6 +47,7 @@ class EvalConfig:
     fluency_n: int = 10  # fluency and pplr are measured on the first N cases (100 tokens each)
     fluency_tokens: int = 100
     generation: bool = True  # False: teacher-forced metrics only (greedy answers cost most of a large run)
+    measure_n: int | None = None  # retention: measure only the first M cases (all N are still learned)
     rag_k: int = 10
 
     def __post_init__(self) -> None:
@@ -57,8 +58,8 @@ class EvalConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ConfigError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
-        if self.n < 1 or (self.every is not None and self.every < 1):
-            raise ConfigError("--n and --every must be at least 1")
+        if self.n < 1 or (self.every is not None and self.every < 1) or (self.measure_n is not None and self.measure_n < 1):
+            raise ConfigError("--n, --every and --measure-n must be at least 1")
 
 
 @dataclass
@@ -146,11 +147,12 @@ class Harness:
     def _retention(self, method: Method, start_at: int) -> list[CaseScore]:
         """Every case measured after the last edit; kept on disk, so a resumed finished run reuses it."""
         path = self.out / f"retention-{method.name}.jsonl"
+        cases = self.cases[: self.config.measure_n] if self.config.measure_n else self.cases
         if start_at == len(self.cases) and path.exists():
             kept = [CaseScore.from_json(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
-            if [s.case_id for s in kept] == [c.case_id for c in self.cases]:
+            if [s.case_id for s in kept] == [c.case_id for c in cases]:
                 return kept
-        scores = self._measure_all(method, self.cases, desc=f"{method.name} retention", generation=self.config.generation)
+        scores = self._measure_all(method, cases, desc=f"{method.name} retention", generation=self.config.generation)
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(s.to_json()) + "\n" for s in scores))
         tmp.replace(path)

@@ -21,6 +21,8 @@ def _configure_eval(p) -> None:
     p.add_argument("--fluency-n", type=int, default=10, help="measure fluency and PPL_r on the first N cases")
     p.add_argument("--no-generation", action="store_true",
                    help="teacher-forced metrics only: no greedy answers, fluency or PPL_r (large runs)")
+    p.add_argument("--measure-n", type=int, default=None,
+                   help="retention: measure only the first M cases; all N are learned (large pools, less time)")
     p.add_argument("--rag-k", type=int, default=10)
     p.add_argument("--contexts", default="template", choices=["template", "local", "openai"],
                    help="where ICE gets its paraphrase contexts during evaluation")
@@ -42,7 +44,7 @@ def cmd_eval(args) -> int:
     config = EvalConfig(dataset=args.dataset, out=args.out, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
                         n=args.n, format=args.format, protocol=args.protocol, every=args.every, seed=args.seed,
                         batch_size=args.batch_size, fluency_n=args.fluency_n, rag_k=args.rag_k,
-                        generation=not args.no_generation)
+                        generation=not args.no_generation, measure_n=args.measure_n)
     store = open_store(args)
     loaded = load(args)
     started = time.perf_counter()
