@@ -10,10 +10,32 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 
 MIN_SHARED_TOKENS = 32  # below this the saving does not pay for the extra forward
+
+
+class _Reuse:
+    on = False
+    last: SharedPrefix | None = None
+
+
+@contextmanager
+def reuse_prefixes():
+    """Inside, a new shared prefix is derived from the previous one when they start alike: cropped, or
+    extended by its new tokens only (ICL's facts block grows by one line per learned fact, and retention
+    scores every case behind the same block). Only for code that does not change the model's weights
+    meanwhile: the cache is keyed by token ids, not by the weights."""
+    outer = _Reuse.on
+    _Reuse.on = True
+    try:
+        yield
+    finally:
+        _Reuse.on = outer
+        if not outer:
+            _Reuse.last = None
 
 
 def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
@@ -42,15 +64,34 @@ def cache_of(output):
 class SharedPrefix:
     """The keys and values of one prefix, handed out as a fresh cache per batch (forwards extend a cache)."""
 
-    def __init__(self, model, prefix_ids: Sequence[int]):
-        self.model, self.length = model, len(prefix_ids)
-        device = next(model.parameters()).device
-        ids = torch.tensor([list(prefix_ids)], device=device)  # [1, P]
+    def __init__(self, model, prefix_ids: Sequence[int], kv: list | None = None):
+        self.model, self.ids, self.length = model, list(prefix_ids), len(prefix_ids)
+        self._kv = kv if kv is not None else self._run(list(prefix_ids), [])  # each [1, KVH, P, D]
+
+    def _run(self, new_ids: list[int], kv: list) -> list:
+        """The keys and values of `new_ids` appended after `kv` (an already computed start)."""
+        from transformers.cache_utils import DynamicCache
+
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([new_ids], device=device)  # [1, n]
+        start = kv[0][0].shape[2] if kv else 0
+        mask = torch.ones((1, start + len(new_ids)), dtype=torch.long, device=device)
+        kwargs = {cache_kwarg(self.model): DynamicCache(ddp_cache_data=kv, config=self.model.config)} if kv else {}
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-        cache = cache_of(out)
-        self._kv = [(layer.keys, layer.values) for layer in cache.layers]  # each [1, KVH, P, D]
-        self.last_logits = out.logits[0, -1]  # [V]: predicts the first token after the prefix
+            out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **kwargs)
+        return [(layer.keys, layer.values) for layer in cache_of(out).layers]
+
+    def derive(self, prefix_ids: Sequence[int]) -> SharedPrefix | None:
+        """The prefix `prefix_ids` built from this one (cropped to what they share, then extended by the
+        rest), or None when they share fewer than MIN_SHARED_TOKENS."""
+        ids = list(prefix_ids)
+        common = common_prefix_length([self.ids, ids])
+        if common < MIN_SHARED_TOKENS:
+            return None
+        kv = [(k[:, :, :common], v[:, :, :common]) for k, v in self._kv]
+        if common < len(ids):
+            kv = self._run(ids[common:], kv)
+        return SharedPrefix(self.model, ids, kv)
 
     def cache_for(self, batch: int):
         from transformers.cache_utils import DynamicCache
@@ -81,4 +122,11 @@ def shared_prefix_for(model, sequences: Sequence[Sequence[int]], max_length: int
     length = min(common_prefix_length(sequences), max_length)
     if length < MIN_SHARED_TOKENS:
         return None
-    return SharedPrefix(model, sequences[0][:length])
+    ids = list(sequences[0][:length])
+    prefix = None
+    if _Reuse.on and _Reuse.last is not None and _Reuse.last.model is model:
+        prefix = _Reuse.last.derive(ids)
+    prefix = prefix or SharedPrefix(model, ids)
+    if _Reuse.on:
+        _Reuse.last = prefix
+    return prefix

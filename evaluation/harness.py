@@ -13,6 +13,7 @@ saved after each case, so a killed run picks up at the first case it had not fin
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -107,10 +108,13 @@ class Harness:
         run = MethodRun(name)
         points = self.out / f"points-{name}.jsonl"
         start_at = self._resume(method, run, points)
+        from editors.prefix_cache import reuse_prefixes
+
         try:
-            self._stream(method, run, points, start_at)
-            if self.config.protocol != "single":
-                run.retention = self._retention(method, start_at)
+            with reuse_prefixes() if method.stable_prefixes else contextlib.nullcontext():
+                self._stream(method, run, points, start_at)
+                if self.config.protocol != "single":
+                    run.retention = self._retention(method, start_at)
             self._pplr(method, run)
         finally:
             method.reset()

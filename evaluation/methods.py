@@ -41,6 +41,7 @@ class Method:
     """The base model: learns nothing. Subclasses override what they change."""
 
     name = "base"
+    stable_prefixes = False  # True: prompts grow at their end and weights never change (prefix KV reusable)
 
     def __init__(self, model, tokenizer, **_):
         self.model, self.tokenizer = model, tokenizer
@@ -109,6 +110,7 @@ class ICLMethod(FactListMethod):
     """Every learned fact in the prompt, cut (oldest first) to the context window with a warning."""
 
     name = "icl"
+    stable_prefixes = True  # one facts block, one line longer per learned fact
 
     def __init__(self, model, tokenizer, answer_tokens: int = 32, **kw):
         super().__init__(model, tokenizer)

@@ -63,3 +63,23 @@ def test_short_prefixes_are_not_shared(tiny):
     model, tok = tiny
     ids = [list(tok(q)["input_ids"]) for q in QUERIES]
     assert prefix_cache.shared_prefix_for(model, ids, max_length=100) is None
+
+
+def test_reused_prefixes_extend_by_the_new_tokens_only(tiny, monkeypatch):
+    model, tok = tiny
+    lines = [f"- fact number {i} is {chr(97 + i)}\n" for i in range(6)]
+    runs = []
+    real = prefix_cache.SharedPrefix._run
+    monkeypatch.setattr(prefix_cache.SharedPrefix, "_run", lambda self, new, kv: runs.append(len(new)) or real(self, new, kv))
+    with prefix_cache.reuse_prefixes():
+        results = []
+        for n in (4, 5, 6, 6):  # the facts block grows by one line, then stays
+            prompts = ["Facts:\n" + "".join(lines[:n]) + "\n" + q for q in QUERIES]
+            results.append(metrics.argmax_tokens(model, tok, prompts, TARGETS, batch_size=3))
+    assert runs[1] < runs[0] and runs[1] <= len(lines[4]) + 2  # the second block only ran its new line
+    assert runs[3:] == []  # the same block again: nothing to run
+    monkeypatch.setattr(prefix_cache, "MIN_SHARED_TOKENS", 10 ** 9)
+    for n, got in zip((4, 5, 6, 6), results):
+        prompts = ["Facts:\n" + "".join(lines[:n]) + "\n" + q for q in QUERIES]
+        assert metrics.argmax_tokens(model, tok, prompts, TARGETS, batch_size=3) == got
+    assert prefix_cache._Reuse.last is None  # forgotten outside the context
