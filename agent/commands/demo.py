@@ -2,7 +2,8 @@
 
 Load the model, ingest authored counterfacts (twice, to show dedupe), generate contexts, answer before
 any edit, write a few facts into the weights with ICE (sequentially, recorded as deltas), answer again
-next to the RAG and ICL baselines, check unrelated prompts, and roll one edit back.
+next to the RAG and ICL baselines, check unrelated prompts, put other facts into the gist pool, and roll
+one edit back.
 """
 from __future__ import annotations
 
@@ -54,6 +55,33 @@ def _baselines(loaded, store, facts) -> tuple[list[str], list[str]]:
     icl = [icl_prompt([f.statement for f in active], f.prompt, loaded.tokenizer, 4000, style="completion").prompt
            for f in facts]
     return _answers(loaded, rag), _answers(loaded, icl)
+
+
+def _gist_route(loaded, facts, before: dict[str, str], unrelated_before: list[str]) -> None:
+    """Compress `facts` into a gist pool with the shipped add-on and answer from it (base weights)."""
+    from editors.incomes.memory import GistMemory
+    from memory.errors import ConfigError
+
+    try:
+        memory = GistMemory.open(loaded.model, loaded.tokenizer, loaded.name)
+    except ConfigError as exc:
+        print(f"   skipped: {exc}")
+        return
+    try:
+        start = time.perf_counter()
+        memory.add([f.id for f in facts], [f.statement for f in facts], subjects=[f.subject for f in facts])
+        print(f"   {len(facts)} facts compressed in {time.perf_counter() - start:.2f} s, "
+              f"{memory.pool.bytes_per_fact():,} bytes each")
+        with memory.reading():
+            answers = _answers(loaded, [f.prompt for f in facts])
+            unrelated = _answers(loaded, UNRELATED)
+        for fact, answer in zip(facts, answers):
+            print(f"   {fact.prompt} -> {answer!r} (before: {before[fact.prompt]!r}, target {fact.target})")
+        same = sum(x == y for x, y in zip(unrelated_before, unrelated))
+        print(f"   unrelated prompts unchanged with the pool active: {same}/{len(UNRELATED)} "
+              "(they name no pooled subject, so the mention gate hides every gist)")
+    finally:
+        memory.close()
 
 
 def cmd_demo(args) -> int:
@@ -113,7 +141,12 @@ def cmd_demo(args) -> int:
     for prompt, x, y in zip(UNRELATED, unrelated_before, unrelated_after):
         print(f"     {prompt} -> {y!r}" + ("" if x == y else f" (was {x!r})"))
 
-    print(f"== 7. roll back the edit of fact {chosen[0].id}")
+    pooled = facts[len(chosen):len(chosen) + 5]
+    print(f"== 7. the gist route: {len(pooled)} other facts into the InComeS pool (one forward, no weight change)")
+    with state.unedited():
+        _gist_route(loaded, pooled, dict(zip([f.prompt for f in facts], before)), unrelated_before)
+
+    print(f"== 8. roll back the edit of fact {chosen[0].id}")
     version = state.rollback(chosen[0].id, editors={args.method: editor})  # later facts are edited again
     for fact, answer in zip(chosen, _answers(loaded, [f.prompt for f in chosen])):
         print(f"   model version {version}; {fact.prompt} -> {answer!r}"
