@@ -115,17 +115,19 @@ class SharedPrefix:
 def shared_prefix_for(model, sequences: Sequence[Sequence[int]], max_length: int) -> SharedPrefix | None:
     """A SharedPrefix for the tokens all `sequences` share, at most `max_length` of them.
 
-    None when fewer than MIN_SHARED_TOKENS would be shared (or there is only one sequence to run).
+    None when fewer than MIN_SHARED_TOKENS would be shared, or when there is one sequence and no earlier
+    prefix to reuse (inside `reuse_prefixes`, one prompt behind the same facts block reuses it too).
     """
-    if len(sequences) < 2:
+    if not sequences:
+        return None
+    last = _Reuse.last if _Reuse.on and _Reuse.last is not None and _Reuse.last.model is model else None
+    if len(sequences) < 2 and last is None:
         return None
     length = min(common_prefix_length(sequences), max_length)
     if length < MIN_SHARED_TOKENS:
         return None
     ids = list(sequences[0][:length])
-    prefix = None
-    if _Reuse.on and _Reuse.last is not None and _Reuse.last.model is model:
-        prefix = _Reuse.last.derive(ids)
+    prefix = last.derive(ids) if last is not None else None
     prefix = prefix or SharedPrefix(model, ids)
     if _Reuse.on:
         _Reuse.last = prefix

@@ -83,3 +83,19 @@ def test_reused_prefixes_extend_by_the_new_tokens_only(tiny, monkeypatch):
         prompts = ["Facts:\n" + "".join(lines[:n]) + "\n" + q for q in QUERIES]
         assert metrics.argmax_tokens(model, tok, prompts, TARGETS, batch_size=3) == got
     assert prefix_cache._Reuse.last is None  # forgotten outside the context
+
+
+def test_a_single_prompt_reuses_the_previous_prefix(tiny, monkeypatch):
+    model, tok = tiny
+    block = "Facts:\n" + "".join(f"- fact number {i} is {chr(97 + i)}\n" for i in range(5)) + "\n"
+    runs = []
+    real = prefix_cache.SharedPrefix._run
+    monkeypatch.setattr(prefix_cache.SharedPrefix, "_run", lambda self, new, kv: runs.append(len(new)) or real(self, new, kv))
+    with prefix_cache.reuse_prefixes():
+        metrics.argmax_tokens(model, tok, [block + q for q in QUERIES], TARGETS)  # the block runs once
+        single = metrics.argmax_tokens(model, tok, [block + QUERIES[0]], TARGETS[:1])
+        text = generate_greedy(model, tok, [block + QUERIES[1]], max_new_tokens=4, stop_at_newline=False)
+    assert len(runs) == 3 and max(runs[1:]) < 20  # later calls ran only their own query's tokens
+    monkeypatch.setattr(prefix_cache, "MIN_SHARED_TOKENS", 10 ** 9)
+    assert metrics.argmax_tokens(model, tok, [block + QUERIES[0]], TARGETS[:1]) == single
+    assert generate_greedy(model, tok, [block + QUERIES[1]], max_new_tokens=4, stop_at_newline=False) == text
