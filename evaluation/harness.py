@@ -114,7 +114,7 @@ class Harness:
             with reuse_prefixes() if method.stable_prefixes else contextlib.nullcontext():
                 self._stream(method, run, points, start_at)
                 if self.config.protocol != "single":
-                    run.retention = self._retention(method, start_at)
+                    run.retention = self._retention(method, start_at, run)
             self._pplr(method, run)
         finally:
             method.reset()
@@ -148,10 +148,13 @@ class Harness:
             if hasattr(bar, "set_postfix_str"):
                 bar.set_postfix_str(f"case {case.case_id}")
 
-    def _retention(self, method: Method, start_at: int) -> list[CaseScore]:
+    def _retention(self, method: Method, start_at: int, run: MethodRun) -> list[CaseScore]:
         """Every case measured after the last edit; kept on disk, so a resumed finished run reuses it."""
         path = self.out / f"retention-{method.name}.jsonl"
         cases = self.cases[: self.config.measure_n] if self.config.measure_n else self.cases
+        if not method.learns and [s.case_id for s in run.scores] == [c.case_id for c in cases]:
+            return [CaseScore.from_json({**s.to_json(), "fluency": None, "pplr": None, "continuation": None})
+                    for s in run.scores]  # nothing was learned: the same model on the same prompts
         if start_at == len(self.cases) and path.exists():
             kept = [CaseScore.from_json(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
             if [s.case_id for s in kept] == [c.case_id for c in cases]:

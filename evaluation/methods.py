@@ -42,6 +42,7 @@ class Method:
 
     name = "base"
     stable_prefixes = False  # True: prompts grow at their end and weights never change (prefix KV reusable)
+    learns = False  # the base model: learning changes nothing, so retention equals the gap-0 scores
 
     def __init__(self, model, tokenizer, **_):
         self.model, self.tokenizer = model, tokenizer
@@ -78,6 +79,8 @@ class Method:
 
 class FactListMethod(Method):
     """Shared by ICL and RAG: the facts learned so far, as statements."""
+
+    learns = True
 
     def __init__(self, model, tokenizer, **kw):
         super().__init__(model, tokenizer)
@@ -165,6 +168,8 @@ class RAGMethod(FactListMethod):
 class WeightEditMethod(Method):
     """ICE or FT-M: each case's edits applied in place to the live model, building on the last."""
 
+    learns = True
+
     def __init__(self, model, tokenizer, contexts_fn: ContextsFn | None = None, editor_overrides=None, **kw):
         super().__init__(model, tokenizer)
         self.contexts_fn = contexts_fn
@@ -232,6 +237,8 @@ class FTMMethod(WeightEditMethod):
 
 class GistMethod(Method):
     """The InComeS gist pool: each learned fact is compressed into one row; queries read the pool."""
+
+    learns = True
 
     name = "gist"
     mention_gate = True  # a fact's gist is read only by queries that mention its subject (GistMemory)
