@@ -132,8 +132,7 @@ class Harness:
             run.failed_edits += not learned.ok
             score = None
             if cfg.protocol != "retention":
-                score = self.scorer.score(method, case, generation=cfg.generation,
-                                          with_fluency=cfg.generation and i < cfg.fluency_n)
+                score = self.scorer.score(method, case, generation=cfg.generation, with_fluency=i < cfg.fluency_n)
                 run.scores.append(score)
             if cfg.protocol == "single":
                 method.restore(token)

@@ -20,7 +20,7 @@ def _configure_eval(p) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--fluency-n", type=int, default=10, help="measure fluency and PPL_r on the first N cases")
     p.add_argument("--no-generation", action="store_true",
-                   help="teacher-forced metrics only: no greedy answers, fluency or PPL_r (large runs)")
+                   help="no greedy answers (edit_success_gen, portability_gen, multihop); fluency and PPL_r still run on the first --fluency-n cases")
     p.add_argument("--measure-n", type=int, default=None,
                    help="retention: measure only the first M cases; all N are learned (large pools, less time)")
     p.add_argument("--rag-k", type=int, default=10)
