@@ -49,6 +49,7 @@ class EvalConfig:
     fluency_tokens: int = 100
     generation: bool = True  # False: teacher-forced metrics only (greedy answers cost most of a large run)
     measure_n: int | None = None  # retention: measure only the first M cases (all N are still learned)
+    retention: bool = True  # sequential: also re-measure every case after the last edit (False: gap-0 only)
     rag_k: int = 10
 
     def __post_init__(self) -> None:
@@ -113,7 +114,7 @@ class Harness:
         try:
             with reuse_prefixes() if method.stable_prefixes else contextlib.nullcontext():
                 self._stream(method, run, points, start_at)
-                if self.config.protocol != "single":
+                if self.config.protocol == "retention" or (self.config.protocol == "sequential" and self.config.retention):
                     run.retention = self._retention(method, start_at, run)
             self._pplr(method, run)
         finally:

@@ -23,6 +23,8 @@ def _configure_eval(p) -> None:
                    help="no greedy answers (edit_success_gen, portability_gen, multihop); fluency and PPL_r still run on the first --fluency-n cases")
     p.add_argument("--measure-n", type=int, default=None,
                    help="retention: measure only the first M cases; all N are learned (large pools, less time)")
+    p.add_argument("--no-retention", action="store_true",
+                   help="sequential: gap-0 only (the ICE paper's Table 6), without re-measuring all after the last edit")
     p.add_argument("--rag-k", type=int, default=10)
     p.add_argument("--contexts", default="template", choices=["template", "local", "openai"],
                    help="where ICE gets its paraphrase contexts during evaluation")
@@ -44,7 +46,8 @@ def cmd_eval(args) -> int:
     config = EvalConfig(dataset=args.dataset, out=args.out, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
                         n=args.n, format=args.format, protocol=args.protocol, every=args.every, seed=args.seed,
                         batch_size=args.batch_size, fluency_n=args.fluency_n, rag_k=args.rag_k,
-                        generation=not args.no_generation, measure_n=args.measure_n)
+                        generation=not args.no_generation, measure_n=args.measure_n,
+                        retention=not args.no_retention)
     store = open_store(args)
     loaded = load(args)
     started = time.perf_counter()
