@@ -47,7 +47,8 @@ def render(run_dir: Path) -> str:
     if results["protocol"] == "sequential":
         out += ["Gap-0 (each fact right after its own edit):", "", table(list(methods.items()), GAP0), ""]
         after = [(k, v["retention"]) for k, v in methods.items() if v.get("retention")]
-        out += ["After all edits (retention):", "", table(after, AFTER), ""]
+        if after:  # absent with --no-retention
+            out += ["After all edits (retention):", "", table(after, AFTER), ""]
     else:
         rows = [(k, {**v, **(v.get("retention") or {})}) for k, v in methods.items()]
         out += ["After all facts are learned:", "", table(rows, AFTER), ""]
