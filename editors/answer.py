@@ -64,8 +64,9 @@ def _greedy_after_prefix(model, tokenizer, prefix, encoded: list[list[int]], max
     positions = (prefix.length + mask.cumsum(1) - 1).clamp(min=prefix.length)  # [B, S]
     cache = prefix.cache_for(len(suffixes))
     out = prefix.forward(ids, mask, positions, cache)
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id] * 0), device=device)
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # as generate() stops
+    eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), dtype=torch.long,
+                       device=device)
     new = torch.empty((len(suffixes), 0), dtype=torch.long, device=device)
     done = torch.zeros(len(suffixes), dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):

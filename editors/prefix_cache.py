@@ -8,6 +8,7 @@ simply not shared past that token.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -54,7 +55,12 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
 
 def cache_kwarg(model) -> str:
     """transformers 5.2x renamed the forward's `past_key_values` to `cache`; use what this version takes."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return _cache_kwarg_of(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(model_class) -> str:  # once per class, not per decoding step
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def cache_of(output):
