@@ -244,6 +244,27 @@ def test_question_twins_ask_the_fact_as_a_question():
     assert with_question_twins([fact], 1.0) == [fact, twin]
 
 
+def test_question_forms_follow_the_relation_of_the_prompt():
+    import random
+
+    from editors.incomes.questions import question_of, relation_questions
+    from editors.incomes.traindata import Query, TrainFact, question_twin
+
+    assert relation_questions("Danielle Darrieux is a native speaker of", "Danielle Darrieux")[0] == \
+        "What language does Danielle Darrieux speak?"
+    assert question_of("In Mistretta, the language spoken is", "Mistretta") == "What is the language of Mistretta?"
+    assert question_of("Ralph Habib died in", "Ralph Habib") == "Where did Ralph Habib die?"
+    assert question_of("The name of the father of Wang Jipeng is", "Wang Jipeng") == "Who is the father of Wang Jipeng?"
+    forms = relation_questions("The name of the father of Wang Jipeng is", "Wang Jipeng")
+    assert question_of("The name of the father of Wang Jipeng is", "Wang Jipeng", random.Random(1)) in forms
+    assert relation_questions("Lyon is a town", "Paris") == ()  # the subject must be in the prompt
+    fact = TrainFact("Toko Yasuda works for Sony", Query("Toko Yasuda works for", "Sony", "edit"), (), (),
+                     "Toko Yasuda")
+    twin = question_twin(fact)
+    assert twin.text == "Who is the employer of Toko Yasuda? Sony" and twin.subject == "Toko Yasuda"
+    assert [p.prompt for p in twin.paraphrases] == ["Who does Toko Yasuda work for?", "Toko Yasuda works for"]
+
+
 def test_train_warm_starts_from_a_saved_addon(tmp_path, one_thread):
     from editors.incomes.train import TrainConfig, train
 
