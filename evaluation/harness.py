@@ -51,6 +51,7 @@ class EvalConfig:
     measure_n: int | None = None  # retention: measure only the first M cases (all N are still learned)
     retention: bool = True  # sequential: also re-measure every case after the last edit (False: gap-0 only)
     rag_k: int = 10
+    gist_addon: str | None = None  # a trained gist add-on directory (None: the shipped one)
 
     def __post_init__(self) -> None:
         from memory.errors import ConfigError
@@ -101,7 +102,7 @@ class Harness:
         seed_everything(self.config.seed)
         method = METHODS[name](self.loaded.model, self.loaded.tokenizer, contexts_fn=self.contexts_fn,
                                rag_k=self.config.rag_k, model_name=self.loaded.name,
-                               **self.method_options)
+                               **{"gist_addon": self.config.gist_addon, **self.method_options})
         reason = method.unavailable()
         if reason:
             log.warning("%s: %s", name, reason)

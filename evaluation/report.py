@@ -43,7 +43,8 @@ def build_results(config, loaded, runs: dict, seconds: float) -> dict:
         "dataset": config.dataset, "n_edits": config.n, "model": loaded.name, "protocol": config.protocol,
         "methods": {name: method_summary(run) for name, run in runs.items()},
         "settings": {k: getattr(config, k) for k in ("format", "seed", "every", "batch_size", "gen_tokens",
-                                                     "fluency_n", "rag_k", "generation", "measure_n", "retention")},
+                                                     "fluency_n", "rag_k", "generation", "measure_n", "retention",
+                                                     "gist_addon")},
         "machine": machine(), "wall_seconds": round(seconds, 1),
     }
 

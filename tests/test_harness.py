@@ -129,6 +129,28 @@ def test_gist_route_runs_through_the_harness(tmp_path, loaded):
     assert [s.case_id for s in gist.scores] == [s.case_id for s in base.scores]
 
 
+def test_eval_reads_a_gist_addon_from_a_directory(tmp_path, loaded):
+    """`engram eval --gist-addon DIR`: a freshly trained add-on is evaluated without replacing the shipped one."""
+    import json
+
+    from editors.incomes import GistAddon, GistConfig
+
+    GistAddon.for_model(loaded.model, GistConfig(gate_init=1.0, zero_key_init_std=0.1)).save(tmp_path / "addon")
+    cfg = config(tmp_path, methods=["gist"], protocol="retention", every=None, generation=False,
+                 gist_addon=str(tmp_path / "addon"))
+    runs = Harness(cfg, loaded).run()
+    assert runs["gist"].available and len(runs["gist"].retention) == 2
+    from evaluation.report import write_all
+
+    results = write_all(Path(cfg.out), cfg, loaded, runs, 1.0, None)
+    assert json.loads((Path(cfg.out) / "results.json").read_text())["settings"]["gist_addon"] == str(tmp_path / "addon")
+    assert results["settings"]["gist_addon"] == str(tmp_path / "addon")
+    missing = config(tmp_path / "x", methods=["gist"], protocol="single", every=None,
+                     gist_addon=str(tmp_path / "nowhere"))
+    gone = Harness(missing, loaded).run()["gist"]
+    assert not gone.available and "nowhere" in gone.reason
+
+
 def test_gated_and_ungated_gist_and_teacher_forced_only_runs(tmp_path, loaded):
     from editors.incomes import GistAddon, GistConfig
 

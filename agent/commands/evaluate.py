@@ -26,6 +26,7 @@ def _configure_eval(p) -> None:
     p.add_argument("--no-retention", action="store_true",
                    help="sequential: gap-0 only (the ICE paper's Table 6), without re-measuring all after the last edit")
     p.add_argument("--rag-k", type=int, default=10)
+    p.add_argument("--gist-addon", default=None, help="directory of a trained gist add-on (default: the shipped one)")
     p.add_argument("--contexts", default="template", choices=["template", "local", "openai"],
                    help="where ICE gets its paraphrase contexts during evaluation")
 
@@ -47,7 +48,7 @@ def cmd_eval(args) -> int:
                         n=args.n, format=args.format, protocol=args.protocol, every=args.every, seed=args.seed,
                         batch_size=args.batch_size, fluency_n=args.fluency_n, rag_k=args.rag_k,
                         generation=not args.no_generation, measure_n=args.measure_n,
-                        retention=not args.no_retention)
+                        retention=not args.no_retention, gist_addon=args.gist_addon)
     store = open_store(args)
     loaded = load(args)
     started = time.perf_counter()

@@ -46,6 +46,8 @@ class GistMemory:
     def open(cls, model, tokenizer, model_name: str, addon_dir: str | Path | None = None,
              mention_gate: bool = True) -> "GistMemory":
         """Load the add-on for `model_name` (or from `addon_dir`); a clear error when there is none."""
+        if addon_dir and not Path(addon_dir).is_dir():
+            raise ConfigError(f"gist add-on directory {addon_dir} does not exist")
         directory = Path(addon_dir) if addon_dir else default_addon_dir(model_name)
         if directory is None or not directory.exists():
             raise ConfigError(f"no trained gist add-on for model {model_name!r}: train one with "
