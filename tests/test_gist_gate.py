@@ -93,3 +93,23 @@ def test_anchor_forms(gated):
     forms = [gated.tokenizer.decode(ids) for ids in gated.anchors("the Beatles")]
     assert {"the Beatles", " the Beatles", "The Beatles", " The Beatles"} <= set(forms)
     assert gated.anchors(None) == [] and gated.anchors("  ") == []
+
+
+def test_temperature_follows_the_rows_a_query_may_read():
+    """T = 0.45 sharpens reading once more than 10 gists are visible; a gated query that sees only its
+    subject's gist among 12 in the pool reads it exactly as from a pool of that gist alone (T = 1)."""
+    mem = memory()
+    try:
+        mem.remove(2)  # the pool: the Zorbia fact alone
+        text = "The capital of Zorbia is"
+        alone = logits(mem, text)
+        mem.add(list(range(10, 21)), [f"Town{i} lies on the river Ost{i}." for i in range(11)],
+                subjects=[f"Town{i}" for i in range(11)])
+        assert len(mem) == 12 and torch.allclose(logits(mem, text), alone, atol=1e-5)
+        counts = torch.tensor([11, 3])
+        assert mem.addon.temperature(counts).flatten().tolist() == pytest.approx([0.45, 1.0])
+        mem.addon.train()
+        assert mem.addon.temperature(counts).flatten().tolist() == [1.0, 1.0]
+        mem.addon.eval()
+    finally:
+        mem.close()

@@ -196,7 +196,8 @@ def _o_proj_pre(addon, idx: int, attn: nn.Module):
         if y.shape[-1] != width or y.shape[:-1] != hidden.shape[:-1]:
             raise GistHookError(f"layer {idx}: o_proj input {tuple(y.shape)} is not [B, T, {width}]")
         keys, values = bound.kv[idx]
-        out = branch(attn, hidden, cos_sin, y, keys, values, rt.read, addon.temperature(bound.n), rt.visible)
+        readable = bound.n if rt.visible is None else rt.visible.sum(dim=-1)  # int, or [B] rows per sequence
+        out = branch(attn, hidden, cos_sin, y, keys, values, rt.read, addon.temperature(readable), rt.visible)
         return (out, *args[1:])
 
     return hook

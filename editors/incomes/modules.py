@@ -201,9 +201,15 @@ class GistAddon(nn.Module):
         finally:
             self.runtime.pool = previous
 
-    def temperature(self, n_gists: int) -> float:
-        """T applies at inference only, once the visible pool holds more than the threshold."""
+    def temperature(self, n_gists: int | torch.Tensor) -> float | torch.Tensor:
+        """T applies at inference only, once the visible pool holds more than the threshold. `n_gists` is the
+        pool's size, or a [B] count of the rows each sequence may read (mention gate): a query that sees
+        only its subject's few gists is not sharpened as if it read the whole pool. A tensor gives [B, 1, 1, 1]."""
         cfg = self.config
+        if isinstance(n_gists, torch.Tensor):
+            sharpen = (n_gists > cfg.temperature_min_gists) & (not self.training)
+            ones = torch.ones(n_gists.shape, dtype=torch.float32, device=n_gists.device)
+            return torch.where(sharpen, ones * cfg.temperature, ones)[:, None, None, None]
         return cfg.temperature if (not self.training and n_gists > cfg.temperature_min_gists) else 1.0
 
     # -- saving -----------------------------------------------------------------------------------
