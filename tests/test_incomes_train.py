@@ -79,6 +79,27 @@ def test_tokens_match_the_harness_and_encode_aligns_teacher_and_student():
     assert not bool(enc.with_fact[enc.query_of == 1].any())  # a locality query: the no-fact teacher
 
 
+def test_after_answer_scores_what_follows_the_answer():
+    from editors.incomes.objective import encode
+    from editors.incomes.traindata import Query
+
+    tok = tiny_tokenizer()
+    queries = [Query("Ann lives in", "Rome", "edit"), Query("The sky is", "blue", "locality")]
+    facts = ["Ann lives in Rome", "Bob lives in Oslo"]
+    plain = encode(tok, queries, facts, "cpu")
+    after = encode(tok, queries, facts, "cpu", after_answer=True)
+    assert after.s_rows.numel() == plain.s_rows.numel() + 2  # one more position per query
+    for b in range(2):
+        cols = after.s_cols[after.s_rows == b]
+        last = int(after.student_mask[b].sum()) - 1
+        assert int(cols.max()) == last  # the query's last token: its logits predict what follows
+        extra = (after.s_rows == b) & (after.s_cols == last)
+        assert not bool(after.answer[extra].any())  # KL only: w = 0, no accuracy counted there
+        t_last = int(after.teacher_mask[b].sum()) - 1
+        assert int(after.t_cols[extra]) == t_last  # aligned with the teacher's last token
+    assert torch.equal(after.answer.sum(), plain.answer.sum())
+
+
 def test_merged_teacher_forward_matches_separate_forwards(one_thread):
     from editors.incomes.objective import _logp, encode, teacher_targets
     from editors.incomes.traindata import Query

@@ -100,9 +100,12 @@ def _pad(rows: list[list[int]], pad_id: int, device, width: int | None = None):
     return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
 
-def encode(tokens, queries: Sequence[Query], fact_texts: Sequence[str] | None, device) -> Encoded:
+def encode(tokens, queries: Sequence[Query], fact_texts: Sequence[str] | None, device,
+           after_answer: bool = False) -> Encoded:
     """Token ids for student (and teacher, when fact_texts is given), with aligned scored positions.
-    `tokens` is a `Tokens` (or a tokenizer, wrapped in a fresh one)."""
+    `tokens` is a `Tokens` (or a tokenizer, wrapped in a fresh one). With `after_answer`, each query also
+    scores the position after its last token (no target: KL only), so the student learns from the teacher
+    what follows the answer, not only the answer (greedy text otherwise repeats the gist's answer)."""
     if not isinstance(tokens, Tokens):
         tokens = Tokens(tokens)
     n_prefix = len(tokens.prefix)
@@ -121,6 +124,13 @@ def encode(tokens, queries: Sequence[Query], fact_texts: Sequence[str] | None, d
         t_cols += range(first - 1 + shift, len(ids) - 1 + shift)
         tgt += ids[first:]
         ans += [j >= start for j in range(first, len(ids))]
+        if after_answer:  # the last token's logits: what comes after the answer (w = 0 there, not an answer)
+            rows.append(b)
+            s_cols.append(len(ids) - 1)
+            t_cols.append(len(ids) - 1 + shift)
+            tgt.append(tokens.pad)
+            ans.append(False)
+            n += 1
         fact += [q.kind != "locality"] * n
     s_ids, s_mask = _pad(students, tokens.pad, device)
     as_t = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype).to(device, non_blocking=True)  # noqa: E731

@@ -67,7 +67,7 @@ def train_step(model, tokens: Tokens, addon, opt, sampler, facts, step: int, cfg
     rel_texts = [fact_text(facts[i], rng, cfg.period_prob) for i in plan.relevant]
     ids = lambda texts: [tokens.text(t) for t in texts]  # noqa: E731
     with amp_context(device, cfg.amp):
-        enc = encode(tokens, plan.queries, rel_texts, device)
+        enc = encode(tokens, plan.queries, rel_texts, device, after_answer=cfg.after_answer)
         teacher, w = teacher_targets(model, addon, enc)
         if bank is not None:
             relevant = compress_ids(model, addon, ids(rel_texts), cfg.compress_batch, grad=True, pad_id=tokens.pad)

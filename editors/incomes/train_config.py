@@ -39,6 +39,7 @@ class TrainConfig:
     paraphrase_prob: float = 0.5
     period_prob: float = 0.3  # chance that a fact is written with a final period
     question_twins: float = 0.0  # fraction of train facts also given as "question? answer" (ZsRE's form)
+    after_answer: bool = False  # KL also at the position after each query's answer (what follows it)
     holdout: int = 200  # facts of the train files never trained on, for the periodic checks
     eval_every: int = 100  # steps between held-out checks (0 = none)
     eval_seconds: float = 0.0  # also check every this many seconds (0 = off)
