@@ -106,10 +106,10 @@ def test_temperature_follows_the_rows_a_query_may_read():
         mem.add(list(range(10, 21)), [f"Town{i} lies on the river Ost{i}." for i in range(11)],
                 subjects=[f"Town{i}" for i in range(11)])
         assert len(mem) == 12 and torch.allclose(logits(mem, text), alone, atol=1e-5)
-        counts = torch.tensor([11, 3])
-        assert mem.addon.temperature(counts).flatten().tolist() == pytest.approx([0.45, 1.0])
+        assert mem.addon.temperature([11, 3]).flatten().tolist() == pytest.approx([0.45, 1.0])
+        assert mem.addon.temperature([11, 12]) == pytest.approx(0.45)  # one T for all rows: a plain float
         mem.addon.train()
-        assert mem.addon.temperature(counts).flatten().tolist() == [1.0, 1.0]
+        assert mem.addon.temperature([11, 3]) == 1.0  # never in training
         mem.addon.eval()
     finally:
         mem.close()

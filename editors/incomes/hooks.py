@@ -57,6 +57,7 @@ class GistRuntime:
     continuing: bool = False  # this forward extends cached sequences (a decoding step)
     history: list[str] | None = None  # per sequence: its tokens so far (id string), for the mention gate
     visible: torch.Tensor | None = None  # [B, N] bool: which pool rows each sequence may read (None: all)
+    readable: list[int] | None = None  # per sequence: how many rows `visible` lets it read (host ints)
 
     def set_pool(self, view, layer_ids: tuple[int, ...]) -> None:
         if view is None or len(view) == 0:
@@ -71,7 +72,7 @@ class GistRuntime:
         self.pool = BoundPool(kv, int(view.keys.shape[1]), anchors)
 
     def new_forward(self) -> None:
-        self.read, self.gist_mask, self.visible = None, None, None
+        self.read, self.gist_mask, self.visible, self.readable = None, None, None, None
         self.stash.clear()
 
     def clear(self) -> None:
@@ -86,8 +87,9 @@ class GistRuntime:
         if self.continuing and self.history is not None and len(self.history) == len(rows):
             rows = [before + now for before, now in zip(self.history, rows)]
         self.history = rows
-        self.visible = torch.tensor([[not anchors or any(a in row for a in anchors) for anchors in self.pool.anchors]
-                                     for row in rows], dtype=torch.bool, device=ids.device)  # [B, N]
+        mask = [[not anchors or any(a in row for a in anchors) for anchors in self.pool.anchors] for row in rows]
+        self.visible = torch.tensor(mask, dtype=torch.bool, device=ids.device)  # [B, N]
+        self.readable = [sum(row) for row in mask]  # counted here once, not on the device in every layer
 
 
 def install(addon, model: nn.Module) -> list:
@@ -196,7 +198,7 @@ def _o_proj_pre(addon, idx: int, attn: nn.Module):
         if y.shape[-1] != width or y.shape[:-1] != hidden.shape[:-1]:
             raise GistHookError(f"layer {idx}: o_proj input {tuple(y.shape)} is not [B, T, {width}]")
         keys, values = bound.kv[idx]
-        readable = bound.n if rt.visible is None else rt.visible.sum(dim=-1)  # int, or [B] rows per sequence
+        readable = bound.n if rt.readable is None else rt.readable  # the pool's size, or rows per sequence
         out = branch(attn, hidden, cos_sin, y, keys, values, rt.read, addon.temperature(readable), rt.visible)
         return (out, *args[1:])
 

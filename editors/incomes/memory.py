@@ -49,7 +49,7 @@ class GistMemory:
         if addon_dir and not Path(addon_dir).is_dir():
             raise ConfigError(f"gist add-on directory {addon_dir} does not exist")
         directory = Path(addon_dir) if addon_dir else default_addon_dir(model_name)
-        if directory is None or not directory.exists():
+        if directory is None:
             raise ConfigError(f"no trained gist add-on for model {model_name!r}: train one with "
                               "`python -m editors.incomes.train` and pass its directory")
         return cls(model, tokenizer, GistAddon.load(directory, model), mention_gate=mention_gate)

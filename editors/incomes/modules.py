@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -94,7 +95,8 @@ class GistAttention(nn.Module):
 
     def forward(self, attn: nn.Module, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 y: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                read: torch.Tensor | None, temperature: float, visible: torch.Tensor | None = None) -> torch.Tensor:
+                read: torch.Tensor | None, temperature: float | torch.Tensor,
+                visible: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = h.shape
         H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.queries(attn, h, cos_sin)  # [B, H, T, D]
@@ -201,16 +203,17 @@ class GistAddon(nn.Module):
         finally:
             self.runtime.pool = previous
 
-    def temperature(self, n_gists: int | torch.Tensor) -> float | torch.Tensor:
+    def temperature(self, n_gists: int | Sequence[int]) -> float | torch.Tensor:
         """T applies at inference only, once the visible pool holds more than the threshold. `n_gists` is the
-        pool's size, or a [B] count of the rows each sequence may read (mention gate): a query that sees
-        only its subject's few gists is not sharpened as if it read the whole pool. A tensor gives [B, 1, 1, 1]."""
+        pool's size, or per sequence the rows it may read (mention gate): a query that sees only its
+        subject's few gists is not sharpened as if it read the whole pool. A float when every sequence gets
+        the same T, else a [B, 1, 1, 1] tensor."""
         cfg = self.config
-        if isinstance(n_gists, torch.Tensor):
-            sharpen = (n_gists > cfg.temperature_min_gists) & (not self.training)
-            ones = torch.ones(n_gists.shape, dtype=torch.float32, device=n_gists.device)
-            return torch.where(sharpen, ones * cfg.temperature, ones)[:, None, None, None]
-        return cfg.temperature if (not self.training and n_gists > cfg.temperature_min_gists) else 1.0
+        per_row = [n_gists] if isinstance(n_gists, int) else list(n_gists)
+        temps = [cfg.temperature if (not self.training and n > cfg.temperature_min_gists) else 1.0 for n in per_row]
+        if len(set(temps)) <= 1:
+            return temps[0] if temps else 1.0
+        return torch.tensor(temps, device=self.gist_embedding.device)[:, None, None, None]
 
     # -- saving -----------------------------------------------------------------------------------
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
