@@ -299,3 +299,28 @@ def test_train_warm_starts_from_a_saved_addon(tmp_path, one_thread):
                  init_addon=tmp_path / "first")
     for name, value in first.state_dict().items():  # lr ~0: the warm start kept the saved weights (no sink init)
         torch.testing.assert_close(warm.state_dict()[name], value, atol=1e-6, rtol=0)
+
+
+def test_subject_locality_asks_the_facts_own_subject_another_relation():
+    from editors.incomes.traindata import Query, TrainFact, with_subject_locality
+
+    def fact(subject, prompt, answer, probes=()):
+        locality = tuple(Query(p, a, "locality") for p, a in probes)
+        return TrainFact(f"{prompt} {answer}", Query(prompt, answer, "edit"), (), locality, subject)
+
+    wiki = fact("Ada Moss", "The occupation of Ada Moss is", "chemist",
+                [("The name of the father of Ada Moss is", "Tom Moss"), ("The gender of Ada Moss is", "female"),
+                 ("The capital of Kingdom of Ada Moss is", "Nowhere"), ("Ben Cole was born in", "Leeds")])
+    counterfact = fact("Zorbia", "The capital of Zorbia is", "Quellton", [("The capital of Yemen is", "Sanaa")])
+    nameless = fact("", "The sky is", "blue")
+    facts = [wiki, counterfact, nameless]
+    assert with_subject_locality(facts, 0) == facts
+    out = with_subject_locality(facts, 6, seed=3)
+    assert out[0].locality[:4] == wiki.locality and out[2] == nameless  # originals kept first; no subject, no query
+    added = out[1].locality[1:]
+    assert added and {q.kind for q in added} == {"locality"}
+    relations = {"father": "Tom Moss", "gender": "female"}  # "capital of Kingdom" is a name, not a relation
+    for q in added:
+        relation = next(r for r in relations if r in q.prompt)
+        assert q.prompt in (f"The {relation} of Zorbia is", f"Zorbia {relation}") and q.answer == relations[relation]
+    assert not any("occupation" in q.prompt for q in out[0].locality[4:])  # never the fact's own relation

@@ -31,7 +31,7 @@ from editors.incomes.train_config import (AMP_MODES, ZERO_KEY_INITS, TrainConfig
                                           load_checkpoint, make_optimizer, save_checkpoint)
 from editors.incomes.objective import Tokens, encode, heldout_check, student_loss, teacher_targets
 from editors.incomes.traindata import (ChunkSampler, fact_text, load_train_facts, split_holdout,
-                                       with_question_twins)
+                                       with_question_twins, with_subject_locality)
 from memory.errors import EngramError
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ def train(model, tokenizer, facts, cfg: TrainConfig, gist_cfg: GistConfig, run_d
     torch.manual_seed(cfg.seed)
     train_facts, holdout = split_holdout(facts, cfg.holdout, cfg.seed)
     train_facts = with_question_twins(train_facts, cfg.question_twins, cfg.seed)  # twins of train facts only
+    train_facts = with_subject_locality(train_facts, cfg.subject_locality, cfg.seed)
     facts = train_facts + holdout
     gist_id = add_gist_token(tokenizer, gist_cfg.gist_token)
     model_dtype = model.get_input_embeddings().weight.dtype

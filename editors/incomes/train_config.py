@@ -39,6 +39,7 @@ class TrainConfig:
     paraphrase_prob: float = 0.5
     period_prob: float = 0.3  # chance that a fact is written with a final period
     question_twins: float = 0.0  # fraction of train facts also given as "question? answer" (ZsRE's form)
+    subject_locality: int = 0  # generated locality queries per train fact that ask its subject another relation
     after_answer: bool = False  # KL also at the position after each query's answer (what follows it)
     holdout: int = 200  # facts of the train files never trained on, for the periodic checks
     eval_every: int = 100  # steps between held-out checks (0 = none)
@@ -61,7 +62,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
         for name in ("warmup", "holdout", "eval_every", "eval_facts", "save_every", "bank_size", "eval_seconds",
-                     "save_seconds", "time_budget", "ce_weight", "locality_weight"):
+                     "save_seconds", "time_budget", "ce_weight", "locality_weight", "subject_locality"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
         if not (self.lr > 0 and self.fast_lr_mult > 0 and 0 <= self.min_lr_ratio <= 1 and self.grad_clip > 0):

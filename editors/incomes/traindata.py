@@ -10,6 +10,7 @@ them, so the add-on also sees facts written as sentences (as `engram ingest` get
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -106,6 +107,49 @@ def with_question_twins(facts: list[TrainFact], fraction: float, seed: int = 0) 
     twins = [t for f in facts if rng.random() < fraction for t in [question_twin(f, rng)] if t is not None]
     log.info("question twins: %d added to %d facts", len(twins), len(facts))
     return list(facts) + twins
+
+
+def _relation_probes(facts: Sequence[TrainFact]) -> dict[str, list[str]]:
+    """Relation phrase -> answers, from every locality probe "The R of S is" that asks a fact's own subject S."""
+    out: dict[str, list[str]] = {}
+    for fact in facts:
+        for q in fact.locality if fact.subject else ():
+            head, _, verb = q.prompt.rpartition(f" of {fact.subject} ")
+            if head.startswith("The ") and verb in ("is", "was", "are", "were"):
+                relation = head.removeprefix("The ").removeprefix("name of the ")
+                if relation.islower():  # skips names caught in the phrase ("capital of Kingdom")
+                    out.setdefault(relation, []).append(q.answer)
+    return out
+
+
+def with_subject_locality(facts: list[TrainFact], per_fact: int, seed: int = 0) -> list[TrainFact]:
+    """Each fact with `per_fact` more locality queries that ask its own subject another relation, in the two
+    forms KnowEdit's probes take ("The taxon rank of S is", "S taxon rank"). Relations and answers come from
+    the train files' own same-subject probes; the teacher of a locality query is the base model without the
+    fact, so the answer only fixes the scored positions. Counterfact's locality prompts ask another subject,
+    which the mention gate already screens at inference; these teach the gist to stay unread when its own
+    subject is asked something else."""
+    if per_fact <= 0:
+        return list(facts)
+    probes = _relation_probes(facts)
+    if not probes:
+        log.warning("no same-subject probes in the train files; no subject locality queries added")
+        return list(facts)
+    relations = sorted(probes)
+    rng, out, added = random.Random(seed + 29), [], 0
+    for fact in facts:
+        extra = []
+        for _ in range(per_fact if fact.subject else 0):
+            relation = rng.choice(relations)  # uniform over relations, so "gender" does not crowd out the rest
+            answer = rng.choice(probes[relation])
+            if relation in fact.edit.prompt:
+                continue  # the fact's own relation: that is a paraphrase, not a locality query
+            form = "The {r} of {s} is" if rng.random() < 0.5 else "{s} {r}"
+            extra.append(Query(form.format(r=relation, s=fact.subject), answer, "locality"))
+        out.append(dataclasses.replace(fact, locality=fact.locality + tuple(extra)) if extra else fact)
+        added += len(extra)
+    log.info("subject locality: %d queries added over %d relations", added, len(relations))
+    return out
 
 
 def fact_text(fact: TrainFact, rng: random.Random, period_prob: float = 0.0) -> str:
