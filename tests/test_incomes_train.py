@@ -324,3 +324,21 @@ def test_subject_locality_asks_the_facts_own_subject_another_relation():
         relation = next(r for r in relations if r in q.prompt)
         assert q.prompt in (f"The {relation} of Zorbia is", f"Zorbia {relation}") and q.answer == relations[relation]
     assert not any("occupation" in q.prompt for q in out[0].locality[4:])  # never the fact's own relation
+
+
+def test_heldout_check_scores_locality_on_the_facts_own_subject(one_thread):
+    from dataclasses import replace
+
+    from editors.incomes.objective import heldout_check
+    from editors.incomes.traindata import Query
+
+    model = tiny_llama(vocab_size=VOCAB).requires_grad_(False)
+    addon = attached(model)  # gates start at 0: the pool changes nothing, so locality agrees everywhere
+    facts = _synthetic_facts(6)
+    check = heldout_check(model, tiny_tokenizer(), addon, facts)
+    assert check["locality"] == 1.0 and "subject_locality" not in check  # no fact asks its own subject
+    own = [replace(f, subject=f"Person{i}", locality=f.locality + (Query(f"The age of Person{i} is", "9", "locality"),))
+           for i, f in enumerate(facts[:4])]
+    check = heldout_check(model, tiny_tokenizer(), addon, own + facts[4:])
+    assert check["subject_locality"] == 1.0 and check["n_facts"] == 6
+    addon.detach()

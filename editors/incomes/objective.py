@@ -236,11 +236,17 @@ def _score(model, tokens, addon, gists, queries: Sequence[Query], locality: bool
     return total, total_base
 
 
+def _own_subject_probes(fact: TrainFact) -> list[Query]:
+    """The fact's locality queries that ask its own subject (another relation): the mention gate lets these
+    read the gist at inference, so only the learned selection keeps them local."""
+    return [q for q in fact.locality if fact.subject and fact.subject in q.prompt]
+
+
 @torch.no_grad()
 def heldout_check(model, tokenizer, addon, facts: Sequence[TrainFact], batch_size: int = 16,
                   pool_size: int | None = None, tokens: Tokens | None = None, compress_batch: int = 128) -> dict:
-    """Teacher-forced edit success, rephrase and locality (argmax agreement with the base model), in
-    eval mode (so T = 0.45 applies above 10 gists), the metrics.py definitions.
+    """Teacher-forced edit success, rephrase, locality and subject locality (argmax agreement with the base
+    model; subject locality over the facts whose probes ask their own subject), in eval mode (so T = 0.45 applies above 10 gists), the metrics.py definitions.
 
     The facts are split into pools of `pool_size` (default: all in one pool); each fact's queries read
     the pool that holds it among the others. The numbers are means over all queries."""
@@ -248,8 +254,9 @@ def heldout_check(model, tokenizer, addon, facts: Sequence[TrainFact], batch_siz
     pool_size = pool_size or len(facts)
     was_training = addon.training
     addon.eval()
-    sums = {k: 0.0 for k in ("edit_success", "edit_success_base", "rephrase", "rephrase_base", "locality")}
-    counts = {"edit_success": 0, "rephrase": 0, "locality": 0}
+    sums = {k: 0.0 for k in ("edit_success", "edit_success_base", "rephrase", "rephrase_base", "locality",
+                             "subject_locality")}
+    counts = {"edit_success": 0, "rephrase": 0, "locality": 0, "subject_locality": 0}
     try:
         for first in range(0, len(facts), pool_size):
             group = facts[first:first + pool_size]
@@ -257,14 +264,16 @@ def heldout_check(model, tokenizer, addon, facts: Sequence[TrainFact], batch_siz
                                  pad_id=tokens.pad)
             kinds = {"edit_success": [f.edit for f in group],
                      "rephrase": [f.paraphrases[0] for f in group if f.paraphrases],
-                     "locality": [f.locality[0] for f in group if f.locality]}
+                     "locality": [f.locality[0] for f in group if f.locality],
+                     "subject_locality": [q for f in group for q in _own_subject_probes(f)[:1]]}
             for name, queries in kinds.items():
                 if not queries:
                     continue
-                score, base = _score(model, tokens, addon, gists, queries, name == "locality", batch_size)
+                locality = name.endswith("locality")
+                score, base = _score(model, tokens, addon, gists, queries, locality, batch_size)
                 sums[name] += float(score)
                 counts[name] += len(queries)
-                if name != "locality":
+                if not locality:
                     sums[name + "_base"] += float(base)
     finally:
         addon.train(was_training)
@@ -272,6 +281,6 @@ def heldout_check(model, tokenizer, addon, facts: Sequence[TrainFact], batch_siz
     for name, n in counts.items():
         if n:
             out[name] = sums[name] / n
-            if name != "locality":
+            if not name.endswith("locality"):
                 out[name + "_base"] = sums[name + "_base"] / n
     return out

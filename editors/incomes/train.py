@@ -131,11 +131,10 @@ def _score(check: dict) -> float:
 
 def _summary(step: int, seconds: float, check: dict, label: str = "check") -> str:
     parts = [f"{label} step {step} t={seconds:.0f}s gists={check.get('n_gists')}"]
-    for name in ("edit_success", "rephrase"):
+    for name in ("edit_success", "rephrase", "locality", "subject_locality"):
         if name in check:
-            parts.append(f"{name} {check[name]:.3f} (base {check[name + '_base']:.3f})")
-    if "locality" in check:
-        parts.append(f"locality {check['locality']:.3f}")
+            base = f" (base {check[name + '_base']:.3f})" if name + "_base" in check else ""
+            parts.append(f"{name} {check[name]:.3f}{base}")
     if "temperature" in check:
         parts.append(f"T={check['temperature']}")
     return " | ".join(parts)
