@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from sqlalchemy import select
 
 from editors.base import EditRequest, Editor, apply_delta, restore, snapshot
+from memory.atomic import atomic_write
 from memory.errors import EditError, NotFoundError, StoreError
 from memory.models import Context, Edit, Event, Fact
 from memory.store import FactStore
@@ -56,17 +57,8 @@ def _sha256(path: Path) -> str:
 
 
 def _write_atomic(tensors: dict[str, torch.Tensor], path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     return _sha256(path)
 
 

@@ -13,22 +13,22 @@ Semantics (fixed here, relied on by callers):
   files, rebuild paths and merges for no gain in the common case.
 
 Persistence: `store.data_dir / "rag"` holds `index.faiss` (faiss.write_index) and `index.json` (owners,
-layout, a generation token, the file size), each written to a temp file and moved in with os.replace.
+layout, a generation token, the file size), each written whole by memory.atomic (temp file, fsync, rename).
 SQLite meta `rag_index` records the format version, embedder name, width, kind, count and generation.
 `sync` rebuilds from SQLite whenever these disagree with the files (a crash between writes included):
 a rebuild is always correct, a mismatched index is not.
 
-Kinds, for large corpora (`VectorConfig.kind`); figures from scripts/bench_rag.py, 100k × 384, one
-thread of a shared 2-core CPU:
-- `flat` (default): `IndexIDMap2(IndexFlatIP)`. Exact; ~28 ms per query at 100k (a full scan), build
-  0.5 s, removal exact and cheap (100 ids: 0.04 s). Query embedding adds ~35 ms anyway, so flat is
+Kinds, for large corpora (`VectorConfig.kind`); figures from `scripts/bench_rag.py --threads 1`, 100k × 384,
+one thread of a quiet 2-core CPU:
+- `flat` (default): `IndexIDMap2(IndexFlatIP)`. Exact; ~11 ms per query at 100k (a full scan), build
+  0.2 s, removal exact and cheap (100 ids: 0.02 s). Query embedding adds ~18 ms anyway, so flat is
   right up to a few hundred thousand facts.
-- `hnsw`: `IndexIDMap2(IndexHNSWFlat)`. ~1 ms approximate queries (recall set by `hnsw_ef_search`),
-  but a 100 s build, and FAISS's HNSW cannot remove vectors: a removal rebuilds the graph from the
+- `hnsw`: `IndexIDMap2(IndexHNSWFlat)`. ~0.8 ms approximate queries (recall set by `hnsw_ef_search`),
+  but a 59 s build, and FAISS's HNSW cannot remove vectors: a removal rebuilds the graph from the
   stored vectors (as long as a build; `sync` batches all removals into one). For append-only corpora.
 - `ivf`: `IndexIVFFlat` with ids and a hashtable direct map, so removal stays exact and cheap.
-  ~0.3 ms queries scanning `ivf_nprobe` of `nlist` clusters (approximate). It needs k-means training,
-  so it stays flat until `ivf_min_train` vectors exist, then trains on all of them (28 s at 100k);
+  ~0.2 ms queries scanning `ivf_nprobe` of `nlist` clusters (approximate). It needs k-means training,
+  so it stays flat until `ivf_min_train` vectors exist, then trains on all of them (16 s at 100k);
   clusters drift as the corpus grows far beyond that, and `rebuild` retrains.
 """
 from __future__ import annotations
@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 import time
 import uuid
@@ -49,6 +48,7 @@ import faiss
 import numpy as np
 from sqlalchemy import select
 
+from memory.atomic import atomic_write
 from memory.embeddings import Embedder, default_embedder
 from memory.errors import ConfigError, StoreError
 
@@ -118,18 +118,6 @@ def _as_ids(ids: Iterable[int]) -> np.ndarray:
     if arr.size and arr.min() < 0:
         raise ValueError("fact ids must be non-negative")
     return arr
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call write(temp_path), fsync it, then move it over `path` in one step."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class VectorIndex:
@@ -311,10 +299,10 @@ class VectorIndex:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._generation = uuid.uuid4().hex
             index_path = self.directory / "index.faiss"
-            _atomic_write(index_path, lambda p: faiss.write_index(self._index, str(p)))
+            atomic_write(index_path, lambda p: faiss.write_index(self._index, str(p)))
             sidecar = {**self._record(), "layout": self._layout, "file_bytes": index_path.stat().st_size,
                        "owners": sorted(self._owners.items())}
-            _atomic_write(self.directory / "index.json", lambda p: p.write_text(json.dumps(sidecar)))
+            atomic_write(self.directory / "index.json", lambda p: p.write_text(json.dumps(sidecar)))
             if store is not None:  # last: a crash before this leaves a mismatch, which means rebuild
                 store.set_meta(META_KEY, json.dumps(self._record()))
         return index_path

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Hashable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from memory.atomic import atomic_write
 from memory.errors import ConfigError, NotFoundError, ValidationError
 
 log = logging.getLogger(__name__)
@@ -150,14 +149,7 @@ class GistPool:
                 "head_dim": self.head_dim, "dtype": str(self.dtype).removeprefix("torch."), "tag": self.tag,
                 "fact_ids": self._ids, "scopes": self._scopes, "anchors": self._anchors}
         tensors = {"keys": self._keys[:, :n].contiguous().cpu(), "values": self._values[:, :n].contiguous().cpu()}
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)}))
         log.debug("saved gist pool of %d facts to %s", n, path)
         return path
 
