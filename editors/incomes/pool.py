@@ -10,8 +10,8 @@ anchors is visible to a query only when the query's tokens contain one of them (
 GistMemory); a row without anchors is visible to every query.
 
 On disk a pool is one safetensors file: the tensors plus, in its header metadata, the JSON of fact
-ids, scopes, anchors and shapes. One file written to a temp name and os.replace()d is atomic: a crash leaves
-the old pool or the new one, never a mix of tensors and ids.
+ids, scopes, anchors and shapes. One file written whole by memory.atomic (temp name, fsync, rename): a crash
+leaves the old pool or the new one, never a mix of tensors and ids.
 """
 from __future__ import annotations
 
@@ -143,7 +143,6 @@ class GistPool:
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         n = len(self)
         meta = {"format": POOL_FORMAT, "layers": list(self.layers), "n_kv_heads": self.n_kv_heads,
                 "head_dim": self.head_dim, "dtype": str(self.dtype).removeprefix("torch."), "tag": self.tag,
