@@ -246,7 +246,8 @@ def _own_subject_probes(fact: TrainFact) -> list[Query]:
 def heldout_check(model, tokenizer, addon, facts: Sequence[TrainFact], batch_size: int = 16,
                   pool_size: int | None = None, tokens: Tokens | None = None, compress_batch: int = 128) -> dict:
     """Teacher-forced edit success, rephrase, locality and subject locality (argmax agreement with the base
-    model; subject locality over the facts whose probes ask their own subject), in eval mode (so T = 0.45 applies above 10 gists), the metrics.py definitions.
+    model; subject locality over the facts whose probes ask their own subject), in eval mode (so T = 0.45
+    applies above 10 gists), the metrics.py definitions.
 
     The facts are split into pools of `pool_size` (default: all in one pool); each fact's queries read
     the pool that holds it among the others. The numbers are means over all queries."""
