@@ -242,6 +242,7 @@ class GistMethod(Method):
 
     name = "gist"
     mention_gate = True  # a fact's gist is read only by queries that mention its subject (GistMemory)
+    relation_gate = False  # ... and ask what its prompt asks (editors/incomes/relation_gate)
 
     def __init__(self, model, tokenizer, model_name: str = "smollm2-135m", gist_addon=None, **kw):
         super().__init__(model, tokenizer)
@@ -253,13 +254,15 @@ class GistMethod(Method):
         if self._memory is None:
             from editors.incomes.memory import GistMemory
             from editors.incomes.modules import GistAddon
+            from editors.incomes.relation_gate import RelationGate
 
+            gates = {"mention_gate": self.mention_gate,
+                     "relation_gate": RelationGate(self.tokenizer) if self.relation_gate else None}
             if isinstance(self._addon_source, GistAddon):
-                self._memory = GistMemory(self.model, self.tokenizer, self._addon_source,
-                                          mention_gate=self.mention_gate)
+                self._memory = GistMemory(self.model, self.tokenizer, self._addon_source, **gates)
             else:
                 self._memory = GistMemory.open(self.model, self.tokenizer, self._model_name, self._addon_source,
-                                               mention_gate=self.mention_gate)
+                                               **gates)
         return self._memory
 
     def unavailable(self) -> str | None:
@@ -277,7 +280,7 @@ class GistMethod(Method):
         started = time.perf_counter()
         texts = [statement(e.prompt, e.target) for e in case.edits]
         self.memory.add(list(range(self._count, self._count + len(texts))), texts,
-                        subjects=[e.subject for e in case.edits])
+                        subjects=[e.subject for e in case.edits], prompts=[e.prompt for e in case.edits])
         self._count += len(texts)
         return Learned(seconds=time.perf_counter() - started)
 
@@ -312,5 +315,13 @@ class UngatedGistMethod(GistMethod):
     mention_gate = False
 
 
+class RelationGistMethod(GistMethod):
+    """The gist pool with the mention gate narrowed by the relation gate."""
+
+    name = "gist-relation"
+    relation_gate = True
+
+
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Method, FTMMethod, ICEMethod, GistMethod,
-                                                              UngatedGistMethod, ICLMethod, RAGMethod)}
+                                                              UngatedGistMethod, RelationGistMethod, ICLMethod,
+                                                              RAGMethod)}

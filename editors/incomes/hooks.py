@@ -21,6 +21,7 @@ Per forward of the decoder:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,7 @@ class BoundPool:
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
     n: int
     anchors: list[list[str]] = field(default_factory=list)  # per row, anchors as id strings; [] = no gate
+    relations: tuple = ()  # per row, the text of what it answers or None; () = no relation gate
 
 
 def id_string(ids) -> str:
@@ -58,6 +60,10 @@ class GistRuntime:
     history: list[str] | None = None  # per sequence: its tokens so far (id string), for the mention gate
     visible: torch.Tensor | None = None  # [B, N] bool: which pool rows each sequence may read (None: all)
     readable: list[int] | None = None  # per sequence: how many rows `visible` lets it read (host ints)
+    # the relation gate (editors/incomes/relation_gate): (sequence ids, mentioned rows, pool) -> rows it
+    # may read; asked once per sequence, when it starts, so a decoding step keeps its sequence's answer
+    relation_check: Callable[[list[int], list[int], BoundPool], set[int]] | None = None
+    relation_allowed: list[set[int]] | None = None
 
     def set_pool(self, view, layer_ids: tuple[int, ...]) -> None:
         if view is None or len(view) == 0:
@@ -69,7 +75,8 @@ class GistRuntime:
             raise GistHookError(f"pool view lacks gists for upper layers {missing}")
         kv = {i: (view.keys[layers.index(i)], view.values[layers.index(i)]) for i in layer_ids}
         anchors = [[id_string(a) for a in row] for row in getattr(view, "anchors", ())]
-        self.pool = BoundPool(kv, int(view.keys.shape[1]), anchors)
+        self.pool = BoundPool(kv, int(view.keys.shape[1]), anchors, tuple(getattr(view, "relations", ())))
+        self.relation_allowed = None  # row indices of another view
 
     def new_forward(self) -> None:
         self.read, self.gist_mask, self.visible, self.readable = None, None, None, None
@@ -77,19 +84,32 @@ class GistRuntime:
 
     def clear(self) -> None:
         self.new_forward()
-        self.pool, self.capture_at, self.history = None, None, None
+        self.pool, self.capture_at, self.history, self.relation_allowed = None, None, None, None
         self.captured.clear()
 
     def gate_by_mention(self, ids: torch.Tensor) -> None:
         """Set `visible` [B, N]: a row with anchors is readable by a sequence whose tokens (this forward's,
-        after those of earlier forwards when decoding) contain one of its anchors."""
-        rows = [id_string(r) for r in ids.tolist()]
-        if self.continuing and self.history is not None and len(self.history) == len(rows):
+        after those of earlier forwards when decoding) contain one of its anchors, and, with a relation gate,
+        whose sentence naming the subject asks what the row's relation text asks."""
+        id_lists = ids.tolist()
+        rows = [id_string(r) for r in id_lists]
+        continuing = self.continuing and self.history is not None and len(self.history) == len(rows)
+        if continuing:
             rows = [before + now for before, now in zip(self.history, rows)]
         self.history = rows
         mask = [[not anchors or any(a in row for a in anchors) for anchors in self.pool.anchors] for row in rows]
+        if self.relation_check is not None and self.pool.relations:
+            if not continuing or self.relation_allowed is None:
+                self.relation_allowed = [self._relation_allowed(seq, m) for seq, m in zip(id_lists, mask)]
+            for m, allowed in zip(mask, self.relation_allowed):
+                for i, rel in enumerate(self.pool.relations):
+                    m[i] = m[i] and (rel is None or not self.pool.anchors[i] or i in allowed)
         self.visible = torch.tensor(mask, dtype=torch.bool, device=ids.device)  # [B, N]
         self.readable = [sum(row) for row in mask]  # counted here once, not on the device in every layer
+
+    def _relation_allowed(self, seq: list[int], mentioned: list[bool]) -> set[int]:
+        rows = [i for i, ok in enumerate(mentioned) if ok and self.pool.anchors[i] and self.pool.relations[i]]
+        return self.relation_check(seq, rows, self.pool) if rows else set()
 
 
 def install(addon, model: nn.Module) -> list:

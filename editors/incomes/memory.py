@@ -11,6 +11,10 @@ Danielle Darrieux is English" however similar the two sentences are. A 135M mode
 alone tells such neighbours apart poorly (docs/incomes.md); the gate is a scope classifier of the kind
 SERAC and GRACE use, exact and free. Facts without a subject stay visible to every query, and queries that
 never name the subject (multi-hop, aliases) cannot read the fact: that is the price.
+
+The relation gate (optional, `relation_gate=RelationGate(...)`): of the facts a query mentions, it reads
+only those whose prompt asks what the query's sentence asks (editors/incomes/relation_gate), so "The taxon
+rank of X is" leaves the gist of "Which family does X belong to?" unread.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from pathlib import Path
 from editors.incomes.compress import add_gist_token, compress_texts
 from editors.incomes.modules import CONFIG_FILE, GistAddon
 from editors.incomes.pool import GistPool
+from editors.incomes.relation_gate import RelationGate, relation_text
 from memory.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -36,15 +41,18 @@ def default_addon_dir(model_name: str) -> Path | None:
 
 
 class GistMemory:
-    def __init__(self, model, tokenizer, addon: GistAddon, compress_batch: int = 32, mention_gate: bool = True):
+    def __init__(self, model, tokenizer, addon: GistAddon, compress_batch: int = 32, mention_gate: bool = True,
+                 relation_gate: RelationGate | None = None):
         self.model, self.tokenizer, self.addon = model, tokenizer, addon
         self.compress_batch, self.mention_gate = compress_batch, mention_gate
+        self.relation_gate = relation_gate if mention_gate else None  # it narrows the mention gate
         addon.attach(model, add_gist_token(tokenizer))
+        addon.runtime.relation_check = self.relation_gate
         self.pool = GistPool.for_addon(addon)
 
     @classmethod
     def open(cls, model, tokenizer, model_name: str, addon_dir: str | Path | None = None,
-             mention_gate: bool = True) -> "GistMemory":
+             mention_gate: bool = True, relation_gate: RelationGate | None = None) -> "GistMemory":
         """Load the add-on for `model_name` (or from `addon_dir`); a clear error when there is none."""
         if addon_dir and not Path(addon_dir).is_dir():
             raise ConfigError(f"gist add-on directory {addon_dir} does not exist")
@@ -52,21 +60,27 @@ class GistMemory:
         if directory is None:
             raise ConfigError(f"no trained gist add-on for model {model_name!r}: train one with "
                               "`python -m editors.incomes.train` and pass its directory")
-        return cls(model, tokenizer, GistAddon.load(directory, model), mention_gate=mention_gate)
+        return cls(model, tokenizer, GistAddon.load(directory, model), mention_gate=mention_gate,
+                   relation_gate=relation_gate)
 
     def __len__(self) -> int:
         return len(self.pool)
 
     def add(self, fact_ids: Sequence, texts: Sequence[str], scopes: str | None | Sequence[str | None] = None,
-            subjects: Sequence[str | None] | None = None) -> None:
+            subjects: Sequence[str | None] | None = None, prompts: Sequence[str | None] | None = None) -> None:
         """Compress `texts` and append one row per fact; the other rows are never recomputed.
 
-        With the mention gate on, each fact's subject (if any) becomes its anchors."""
+        With the mention gate on, each fact's subject (if any) becomes its anchors; with the relation gate
+        on, each fact's prompt (else its text) names what it answers."""
         if not texts:
             return
         gists = compress_texts(self.model, self.tokenizer, self.addon, list(texts), batch_size=self.compress_batch)
         anchors = [self.anchors(s) for s in subjects] if subjects is not None and self.mention_gate else None
-        self.pool.append(list(fact_ids), gists, scopes=scopes, anchors=anchors)
+        relations = None
+        if anchors is not None and self.relation_gate is not None:
+            asked = prompts if prompts is not None else [None] * len(texts)
+            relations = [relation_text(p or t, s) if s else None for p, t, s in zip(asked, texts, subjects)]
+        self.pool.append(list(fact_ids), gists, scopes=scopes, anchors=anchors, relations=relations)
 
     def anchors(self, subject: str | None) -> list[list[int]]:
         """The token-id sequences by which a query mentions `subject`: at the start of a text or after a
@@ -98,4 +112,5 @@ class GistMemory:
         self.pool = GistPool.load(path, self.addon.gist_embedding.device)
 
     def close(self) -> None:
+        self.addon.runtime.relation_check = None
         self.addon.detach()

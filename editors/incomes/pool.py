@@ -7,10 +7,11 @@ every chat) or a user_id (visible only to that user's chats); `view(user_id)` is
 
 A row may also carry **anchors**: token-id sequences (its subject, as the tokenizer writes it). A row with
 anchors is visible to a query only when the query's tokens contain one of them (the mention gate, see
-GistMemory); a row without anchors is visible to every query.
+GistMemory); a row without anchors is visible to every query. A row may carry a **relation** too: the text of what it
+answers ("Which family does Epaspidoceras belong to?"), for the relation gate (editors/incomes/relation_gate).
 
 On disk a pool is one safetensors file: the tensors plus, in its header metadata, the JSON of fact
-ids, scopes, anchors and shapes. One file written whole by memory.atomic (temp name, fsync, rename): a crash
+ids, scopes, anchors, relations and shapes. One file written whole by memory.atomic (temp name, fsync, rename): a crash
 leaves the old pool or the new one, never a mix of tensors and ids.
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ class PoolView:
     values: torch.Tensor
     fact_ids: tuple
     anchors: tuple = ()  # per row: a tuple of token-id tuples, or () (always visible); empty: none anywhere
+    relations: tuple = ()  # per row: the text of what it answers, or None; empty: none anywhere
 
     def __len__(self) -> int:
         return len(self.fact_ids)
@@ -58,6 +60,7 @@ class GistPool:
         self._ids: list = []
         self._scopes: list[str | None] = []
         self._anchors: list[list[list[int]]] = []
+        self._relations: list[str | None] = []
         self._version = 0
         self._views: dict = {}
 
@@ -82,9 +85,11 @@ class GistPool:
         return self._scopes[self._row(fact_id)]
 
     def append(self, fact_ids: Sequence[Hashable], gists, scopes: str | None | Sequence[str | None] = None,
-               anchors: Sequence[Sequence[Sequence[int]]] | None = None) -> None:
+               anchors: Sequence[Sequence[Sequence[int]]] | None = None,
+               relations: Sequence[str | None] | None = None) -> None:
         """Add one row per fact. `gists` has .layers and .keys/.values [L, N, KVH, D] (CompressedGists);
-        `anchors`, when given, holds per fact the token-id sequences that make it visible (empty: always)."""
+        `anchors`, when given, holds per fact the token-id sequences that make it visible (empty: always);
+        `relations` per fact the text of what it answers (None: no relation gate for that row)."""
         fact_ids = list(fact_ids)
         n = len(fact_ids)
         scopes = [scopes] * n if scopes is None or isinstance(scopes, str) else list(scopes)
@@ -92,6 +97,9 @@ class GistPool:
                                                                    for row in anchors]
         if len(anchors) != n:
             raise ValidationError(f"{len(anchors)} anchor lists for {n} facts")
+        relations = [None] * n if relations is None else [r if r and isinstance(r, str) else None for r in relations]
+        if len(relations) != n:
+            raise ValidationError(f"{len(relations)} relations for {n} facts")
         self._check_append(fact_ids, gists, scopes)
         if n == 0:
             return
@@ -103,6 +111,7 @@ class GistPool:
         self._ids.extend(fact_ids)
         self._scopes.extend(scopes)
         self._anchors.extend(anchors)
+        self._relations.extend(relations)
         self._touch()
 
     def remove(self, fact_id) -> None:
@@ -112,7 +121,7 @@ class GistPool:
         index = torch.tensor(keep, dtype=torch.long, device=self.device)  # handed out stay valid
         self._keys = self._keys.index_select(1, index)  # [L, capacity-1, KVH, D]
         self._values = self._values.index_select(1, index)
-        del self._ids[row], self._scopes[row], self._anchors[row]
+        del self._ids[row], self._scopes[row], self._anchors[row], self._relations[row]
         self._touch()
 
     # -- views ------------------------------------------------------------------------------------
@@ -146,7 +155,8 @@ class GistPool:
         n = len(self)
         meta = {"format": POOL_FORMAT, "layers": list(self.layers), "n_kv_heads": self.n_kv_heads,
                 "head_dim": self.head_dim, "dtype": str(self.dtype).removeprefix("torch."), "tag": self.tag,
-                "fact_ids": self._ids, "scopes": self._scopes, "anchors": self._anchors}
+                "fact_ids": self._ids, "scopes": self._scopes, "anchors": self._anchors,
+                "relations": self._relations}
         tensors = {"keys": self._keys[:, :n].contiguous().cpu(), "values": self._values[:, :n].contiguous().cpu()}
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)}))
         log.debug("saved gist pool of %d facts to %s", n, path)
@@ -169,7 +179,7 @@ class GistPool:
         from editors.incomes.compress import CompressedGists
 
         pool.append(meta["fact_ids"], CompressedGists(pool.layers, keys, values), meta["scopes"],
-                    meta.get("anchors"))  # pools saved before anchors existed have none
+                    meta.get("anchors"), meta.get("relations"))  # older pools have neither
         return pool
 
     # -- internals --------------------------------------------------------------------------------
@@ -222,7 +232,8 @@ class GistPool:
             index = torch.tensor(rows, dtype=torch.long, device=self.device)
             keys, values = self._keys.index_select(1, index), self._values.index_select(1, index)
         anchors = tuple(tuple(tuple(a) for a in self._anchors[i]) for i in rows)
+        relations = tuple(self._relations[i] for i in rows)
         view = PoolView(self.layers, keys, values, tuple(self._ids[i] for i in rows),
-                        anchors if any(anchors) else ())
+                        anchors if any(anchors) else (), relations if any(relations) else ())
         self._views[key] = view
         return view

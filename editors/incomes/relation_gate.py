@@ -1,0 +1,94 @@
+"""The relation gate: a fact's gist is read only by a query that asks what the fact answers.
+
+The mention gate lets every query that names a fact's subject read its gist, also one that asks the subject
+something else: "The taxon rank of Epaspidoceras is" reads "Which family does Epaspidoceras belong to?
+Noctuidae", and a one-token gist of a 135M model tells such relations apart poorly (docs/incomes.md,
+subject locality). This gate compares the query's sentence that names the subject with the fact's prompt,
+both with the subject written as "X" ("Which family does X belong to?" against "The taxon rank of X is"),
+by the cosine of their MiniLM embeddings (the RAG embedder). Below the threshold the row stays unread.
+
+The threshold comes from the train files only (`scripts/relation_gate_calibration.py`, AUC 0.916): at 0.5 it
+keeps 94.7% of same-relation pairs (a fact's paraphrases and question forms) and blocks 57.1% of
+other-relation probes of the same subject (at 0.45: 98.1% and 37.5%). A fact's own prompt always passes.
+"""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+
+DEFAULT_THRESHOLD = 0.5
+_BOUNDARY = re.compile(r"(?<=[.!?])\s+|\n")
+_CACHE_SIZE = 4096
+
+
+def relation_text(text: str, subject: str | None) -> str:
+    """The sentence of `text` that names `subject`, with the subject written as "X" (the text as it is if
+    the subject is not in it)."""
+    found = list(re.finditer(re.escape(subject.strip()), text, re.IGNORECASE)) if subject and subject.strip() else []
+    if not found:
+        return " ".join(text.split())
+    return _around(text[:found[-1].start()], text[found[-1].end():])
+
+
+def _around(before: str, after: str) -> str:
+    """X in the sentence made of the end of `before` and the start of `after`."""
+    head = _BOUNDARY.split(before)[-1]
+    tail = _BOUNDARY.split(after, maxsplit=1)[0]
+    return " ".join(f"{head}X{tail}".split())
+
+
+class RelationGate:
+    """Called by the gist hooks once per query sequence: which of the rows it mentions may it read."""
+
+    def __init__(self, tokenizer, embedder=None, threshold: float = DEFAULT_THRESHOLD):
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"relation gate threshold must be in [0, 1], got {threshold}")
+        self.tokenizer, self.threshold = tokenizer, threshold
+        self._embedder = embedder
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            from memory.embeddings import default_embedder
+
+            self._embedder = default_embedder()
+        return self._embedder
+
+    def __call__(self, seq: list[int], rows: Sequence[int], pool) -> set[int]:
+        """Rows (mentioned by `seq`) whose relation text is close enough to the query's sentence."""
+        queries = {i: self.query_text(seq, pool.anchors[i]) for i in rows}
+        vectors = self.vectors([pool.relations[i] for i in rows] + list(queries.values()))
+        return {i for i in rows if float(vectors[pool.relations[i]] @ vectors[queries[i]]) >= self.threshold}
+
+    def query_text(self, seq: list[int], anchors: Sequence[str]) -> str:
+        """The query's sentence around its last mention of the subject (anchors: id strings, hooks.id_string)."""
+        text = "".join(map(chr, seq))
+        best, at = None, -1
+        for anchor in anchors:
+            pos = text.rfind(anchor)
+            if pos > at:
+                best, at = anchor, pos
+        if best is None:
+            return self.tokenizer.decode(seq, skip_special_tokens=True)
+        decode = self.tokenizer.decode
+        before = decode(seq[:at], skip_special_tokens=True)
+        after = decode(seq[at + len(best):], skip_special_tokens=True)
+        return _around(before + (" " if decode([ord(best[0])]).startswith(" ") else ""), after)
+
+    def vectors(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Unit embeddings of `texts`, cached (relation texts recur in every query)."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
+        if missing:
+            for text, vec in zip(missing, self.embedder.embed(missing)):
+                self._vectors[text] = vec
+        out = {}
+        for text in texts:
+            self._vectors.move_to_end(text)
+            out[text] = self._vectors[text]
+        while len(self._vectors) > _CACHE_SIZE:
+            self._vectors.popitem(last=False)
+        return out
