@@ -47,11 +47,14 @@ class GistState:
         missing = [f for fid, f in applied.items() if fid not in self.memory.pool]
         if missing:
             log.warning("recompressing %d applied gist fact(s) missing from the pool file", len(missing))
-            self.memory.add([f.id for f in missing], [f.statement for f in missing], [self._scope(f) for f in missing],
-                            [f.subject for f in missing])
+            self._compress(missing)
         if stray or missing:
             self.memory.save(self.path)
         return len(self.memory)
+
+    def _compress(self, facts: Sequence[Fact]) -> None:
+        self.memory.add([f.id for f in facts], [f.statement for f in facts], [self._scope(f) for f in facts],
+                        [f.subject for f in facts], prompts=[f.prompt for f in facts])
 
     @staticmethod
     def _scope(fact: Fact) -> str | None:
@@ -63,8 +66,7 @@ class GistState:
         if not todo:
             return 0.0
         started = time.perf_counter()
-        self.memory.add([f.id for f in todo], [f.statement for f in todo], [self._scope(f) for f in todo],
-                        [f.subject for f in todo])
+        self._compress(todo)
         seconds = time.perf_counter() - started
         self.memory.save(self.path)
         with self.store.transaction() as s:

@@ -242,7 +242,7 @@ class GistMethod(Method):
 
     name = "gist"
     mention_gate = True  # a fact's gist is read only by queries that mention its subject (GistMemory)
-    relation_gate = False  # ... and ask what its prompt asks (editors/incomes/relation_gate)
+    relation_gate = True  # ... and ask what its prompt asks (editors/incomes/relation_gate)
 
     def __init__(self, model, tokenizer, model_name: str = "smollm2-135m", gist_addon=None, **kw):
         super().__init__(model, tokenizer)
@@ -315,13 +315,13 @@ class UngatedGistMethod(GistMethod):
     mention_gate = False
 
 
-class RelationGistMethod(GistMethod):
-    """The gist pool with the mention gate narrowed by the relation gate."""
+class MentionGistMethod(GistMethod):
+    """The gist pool with the mention gate alone (no relation gate)."""
 
-    name = "gist-relation"
-    relation_gate = True
+    name = "gist-mention"
+    relation_gate = False
 
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Method, FTMMethod, ICEMethod, GistMethod,
-                                                              UngatedGistMethod, RelationGistMethod, ICLMethod,
+                                                              UngatedGistMethod, MentionGistMethod, ICLMethod,
                                                               RAGMethod)}

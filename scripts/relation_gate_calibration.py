@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from editors.incomes.questions import relation_questions  # noqa: E402
 from editors.incomes.relation_gate import relation_text  # noqa: E402
-from editors.incomes.traindata import _relation_probes, load_train_facts  # noqa: E402
+from editors.incomes.traindata import TRAIN_FILES, _relation_probes, load_train_facts  # noqa: E402
 from memory.embeddings import default_embedder  # noqa: E402
 
 
@@ -59,12 +59,18 @@ def main() -> None:
     facts = [f for f in load_train_facts(args.data_root) if f.subject]
     rng.shuffle(facts)
     same, other = pairs(facts[:args.facts], rng)
+    counterfact = [f for f in load_train_facts(args.data_root, TRAIN_FILES[:1]) if f.subject]
+    rng.shuffle(counterfact)
+    noisy = [(relation_text(f.edit.prompt, f.subject), relation_text(p.prompt, f.subject))
+             for f in counterfact[:1000] for p in f.paraphrases if f.subject.lower() in p.prompt.lower()]
     embedder = default_embedder()
-    keep, block = cosines(embedder, same), cosines(embedder, other)
+    keep, block, cf = cosines(embedder, same), cosines(embedder, other), cosines(embedder, noisy)
     auc = float((keep[:, None] > block[None, :]).mean())
-    print(f"{len(same)} same-relation pairs, {len(other)} other-relation pairs; AUC {auc:.3f}")
+    print(f"{len(same)} same-relation pairs, {len(other)} other-relation pairs; AUC {auc:.3f}; "
+          f"{len(noisy)} counterfact-edit paraphrase pairs")
     for threshold in (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6):
-        print(f"threshold {threshold:.2f}: keeps {(keep >= threshold).mean():.3f} of same-relation pairs, "
+        print(f"threshold {threshold:.2f}: keeps {(keep >= threshold).mean():.3f} of same-relation pairs "
+              f"({(cf >= threshold).mean():.3f} of counterfact-edit's paraphrases), "
               f"blocks {(block < threshold).mean():.3f} of other-relation pairs")
 
 

@@ -25,6 +25,8 @@ def _configure_ask(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--user", default=None, help="answer as this user (their scoped facts plus global ones)")
     p.add_argument("--gist-addon", default=None, help="directory of a trained gist add-on (default: the shipped one)")
+    p.add_argument("--no-relation-gate", action="store_true",
+                   help="let a query read every pooled fact whose subject it names, whatever it asks about it")
 
 
 COMMANDS = {

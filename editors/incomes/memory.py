@@ -12,7 +12,7 @@ alone tells such neighbours apart poorly (docs/incomes.md); the gate is a scope 
 SERAC and GRACE use, exact and free. Facts without a subject stay visible to every query, and queries that
 never name the subject (multi-hop, aliases) cannot read the fact: that is the price.
 
-The relation gate (optional, `relation_gate=RelationGate(...)`): of the facts a query mentions, it reads
+The relation gate (on by default in `open`): of the facts a query mentions, the query reads
 only those whose prompt asks what the query's sentence asks (editors/incomes/relation_gate), so "The taxon
 rank of X is" leaves the gist of "Which family does X belong to?" unread.
 """
@@ -52,16 +52,19 @@ class GistMemory:
 
     @classmethod
     def open(cls, model, tokenizer, model_name: str, addon_dir: str | Path | None = None,
-             mention_gate: bool = True, relation_gate: RelationGate | None = None) -> "GistMemory":
-        """Load the add-on for `model_name` (or from `addon_dir`); a clear error when there is none."""
+             mention_gate: bool = True, relation_gate: RelationGate | bool = True) -> "GistMemory":
+        """Load the add-on for `model_name` (or from `addon_dir`); a clear error when there is none. The
+        relation gate is on unless `relation_gate=False` (True: the default RelationGate)."""
         if addon_dir and not Path(addon_dir).is_dir():
             raise ConfigError(f"gist add-on directory {addon_dir} does not exist")
         directory = Path(addon_dir) if addon_dir else default_addon_dir(model_name)
         if directory is None:
             raise ConfigError(f"no trained gist add-on for model {model_name!r}: train one with "
                               "`python -m editors.incomes.train` and pass its directory")
+        if relation_gate is True:
+            relation_gate = RelationGate(tokenizer)
         return cls(model, tokenizer, GistAddon.load(directory, model), mention_gate=mention_gate,
-                   relation_gate=relation_gate)
+                   relation_gate=relation_gate or None)
 
     def __len__(self) -> int:
         return len(self.pool)
@@ -70,14 +73,14 @@ class GistMemory:
             subjects: Sequence[str | None] | None = None, prompts: Sequence[str | None] | None = None) -> None:
         """Compress `texts` and append one row per fact; the other rows are never recomputed.
 
-        With the mention gate on, each fact's subject (if any) becomes its anchors; with the relation gate
-        on, each fact's prompt (else its text) names what it answers."""
+        With the mention gate on, each fact's subject (if any) becomes its anchors, and its prompt (else its
+        text) the relation text that the relation gate compares queries with."""
         if not texts:
             return
         gists = compress_texts(self.model, self.tokenizer, self.addon, list(texts), batch_size=self.compress_batch)
         anchors = [self.anchors(s) for s in subjects] if subjects is not None and self.mention_gate else None
         relations = None
-        if anchors is not None and self.relation_gate is not None:
+        if anchors is not None:  # kept with the row even while no relation gate reads them
             asked = prompts if prompts is not None else [None] * len(texts)
             relations = [relation_text(p or t, s) if s else None for p, t, s in zip(asked, texts, subjects)]
         self.pool.append(list(fact_ids), gists, scopes=scopes, anchors=anchors, relations=relations)

@@ -7,9 +7,12 @@ subject locality). This gate compares the query's sentence that names the subjec
 both with the subject written as "X" ("Which family does X belong to?" against "The taxon rank of X is"),
 by the cosine of their MiniLM embeddings (the RAG embedder). Below the threshold the row stays unread.
 
-The threshold comes from the train files only (`scripts/relation_gate_calibration.py`, AUC 0.916): at 0.5 it
-keeps 94.7% of same-relation pairs (a fact's paraphrases and question forms) and blocks 57.1% of
-other-relation probes of the same subject (at 0.45: 98.1% and 37.5%). A fact's own prompt always passes.
+The threshold comes from the train files only (`scripts/relation_gate_calibration.py`, AUC 0.916 over 8,324
+same-relation and 6,558 other-relation pairs), 0.4: it lets through 96.9% of counterfact-edit's paraphrases
+(noisy prompts such as "Category:Nigerian traditional states X works as"; 85.6% at 0.5), 99.2% of all
+same-relation pairs (paraphrases and question forms) and blocks 19.7% of other-relation probes of the same
+subject (at 0.5: 94.7% and 57.1%). A fact's own prompt always passes. Within one template ("The mother tongue of X is" / "The population of X is") MiniLM finds most
+relations alike (~0.45-0.55): the gate mostly separates a question from a template probe.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-DEFAULT_THRESHOLD = 0.5
+DEFAULT_THRESHOLD = 0.4
 _BOUNDARY = re.compile(r"(?<=[.!?])\s+|\n")
 _CACHE_SIZE = 4096
 
