@@ -9,6 +9,7 @@ from editors.incomes.memory import GistMemory
 from editors.incomes.relation_gate import RelationGate, relation_text
 from editors.model import tiny_llama, tiny_tokenizer
 from memory.embeddings import HashEmbedder
+from tests.test_gist_gate import logits
 
 PROMPTS = ["Which family does Zorbia belong to?", "Which river does Vantor lie on?"]
 FACTS = [f"{PROMPTS[0]} Quellidae.", f"{PROMPTS[1]} The Mizz."]
@@ -24,14 +25,6 @@ def make_memory(threshold: float = 0.5) -> GistMemory:
     mem = GistMemory(model, tok, addon, relation_gate=gate)
     mem.add([1, 2], FACTS, subjects=SUBJECTS, prompts=PROMPTS)
     return mem
-
-
-def logits(mem: GistMemory, text: str, read: bool = True) -> torch.Tensor:
-    ids = mem.tokenizer(text, return_tensors="pt")["input_ids"]
-    if not read:
-        return mem.model(ids).logits
-    with mem.reading():
-        return mem.model(ids).logits
 
 
 @pytest.fixture(scope="module")
