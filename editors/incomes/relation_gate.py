@@ -11,8 +11,9 @@ The threshold comes from the train files only (`scripts/relation_gate_calibratio
 same-relation and 6,558 other-relation pairs), 0.4: it lets through 96.9% of counterfact-edit's paraphrases
 (noisy prompts such as "Category:Nigerian traditional states X works as"; 85.6% at 0.5), 99.2% of all
 same-relation pairs (paraphrases and question forms) and blocks 19.7% of other-relation probes of the same
-subject (at 0.5: 94.7% and 57.1%). A fact's own prompt always passes. Within one template ("The mother tongue of X is" / "The population of X is") MiniLM finds most
-relations alike (~0.45-0.55): the gate mostly separates a question from a template probe.
+subject (at 0.5: 94.7% and 57.1%). A fact's own prompt always passes. Within one template ("The mother
+tongue of X is" / "The population of X is") MiniLM finds most relations alike (~0.45-0.55): the gate
+mostly separates a question from a template probe. Measured effect: docs/incomes.md, "The relation gate".
 """
 from __future__ import annotations
 
