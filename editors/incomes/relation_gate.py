@@ -8,8 +8,9 @@ both with the subject written as "X" ("Which family does X belong to?" against "
 by the cosine of their MiniLM embeddings (the RAG embedder). Below the threshold the row stays unread.
 
 The threshold comes from the train files only (`scripts/relation_gate_calibration.py`, AUC 0.916 over 8,324
-same-relation and 6,558 other-relation pairs), 0.4: it lets through 96.9% of counterfact-edit's paraphrases
-(noisy prompts such as "Category:Nigerian traditional states X works as"; 85.6% at 0.5), 99.2% of all
+same-relation and 6,558 other-relation pairs), 0.4, the highest in steps of 0.05 that lets through at least
+95% of counterfact-edit's paraphrases (95.9%; noisy prompts such as "Category:Nigerian traditional states
+X works as"; 84.1% at 0.5). It keeps 99.2% of all
 same-relation pairs (paraphrases and question forms) and blocks 19.7% of other-relation probes of the same
 subject (at 0.5: 94.7% and 57.1%). A fact's own prompt always passes. Within one template ("The mother
 tongue of X is" / "The population of X is") MiniLM finds most relations alike (~0.45-0.55): the gate
