@@ -97,3 +97,21 @@ def test_decoding_keeps_the_relation_decision_of_the_prompt(mem):
         decoded = mem.model(step, use_cache=True, **{cache_kwarg(mem.model): cache}).logits[0, -1]
         full = mem.model(torch.cat([ids, step], dim=1)).logits[0, -1]
     torch.testing.assert_close(decoded, full, atol=1e-5, rtol=1e-4)
+
+
+def test_a_pool_saved_before_relation_texts_loads_gated_by_mention_only(mem, tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from editors.incomes.pool import META_KEY
+
+    path = mem.save(tmp_path / "pool.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()[META_KEY])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del meta["relations"]  # as pools were written before the relation gate
+    save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
+    old = GistPool.load(path)
+    assert old.view().relations == () and old.view().anchors == mem.pool.view().anchors
