@@ -10,9 +10,8 @@ by the cosine of their MiniLM embeddings (the RAG embedder). Below the threshold
 The threshold comes from the train files only (`scripts/relation_gate_calibration.py`, AUC 0.916 over 8,324
 same-relation and 6,558 other-relation pairs), 0.4, the highest in steps of 0.05 that lets through at least
 95% of counterfact-edit's paraphrases (95.9%; noisy prompts such as "Category:Nigerian traditional states
-X works as"; 84.1% at 0.5). It keeps 99.2% of all
-same-relation pairs (paraphrases and question forms) and blocks 19.7% of other-relation probes of the same
-subject (at 0.5: 94.7% and 57.1%). A fact's own prompt always passes. Within one template ("The mother
+X works as"; 84.1% at 0.5). It keeps 99.2% of all same-relation pairs (paraphrases and question forms) and
+blocks 19.7% of other-relation probes of the same subject (at 0.5: 94.7% and 57.1%). A fact's own prompt always passes. Within one template ("The mother
 tongue of X is" / "The population of X is") MiniLM finds most relations alike (~0.45-0.55): the gate
 mostly separates a question from a template probe. Measured effect: docs/incomes.md, "The relation gate".
 """
@@ -65,7 +64,13 @@ class RelationGate:
 
     def __call__(self, seq: list[int], rows: Sequence[int], pool) -> set[int]:
         """Rows (mentioned by `seq`) whose relation text is close enough to the query's sentence."""
-        queries = {i: self.query_text(seq, pool.anchors[i]) for i in rows}
+        by_subject: dict[tuple, str] = {}  # rows of one subject share its anchors: cut the query once
+        queries = {}
+        for i in rows:
+            key = tuple(pool.anchors[i])
+            if key not in by_subject:
+                by_subject[key] = self.query_text(seq, key)
+            queries[i] = by_subject[key]
         vectors = self.vectors([pool.relations[i] for i in rows] + list(queries.values()))
         return {i for i in rows if float(vectors[pool.relations[i]] @ vectors[queries[i]]) >= self.threshold}
 
