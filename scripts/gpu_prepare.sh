@@ -2,12 +2,14 @@
 # Prepare the two carries for a gist-training run on a lent GPU machine (runs HERE, on the CPU machine).
 #
 # Fills .gpu/ at the repo root (never committed: /.gpu/ goes into .git/info/exclude) with:
-#   .gpu/a/part-aa                 first half of the default model's GGUF       (carry 1, < 60 MiB)
-#   .gpu/b/part-ab                 second half of it                            (carry 2, < 58 MiB in all)
+#   .gpu/a1/part-00, a2/part-01..  the front of the default model's GGUF, one part per carry
+#   .gpu/b/part-NN                 its last part                                (the last carry)
+# One carry holds 64 MiB with the working tree, so each part gets what the tracked files leave free.
 #   .gpu/b/gguf.sha256, gguf.size  to check the rebuilt file on the GPU machine
 #   .gpu/b/whl/gguf-*.whl          the gguf reader transformers needs to load a GGUF (pure Python)
 #   .gpu/b/data/...                the train splits, under the sub-paths the trainer's --data-root expects
-# Then, on the GPU machine: `bash scripts/gpu_gist.sh a` (carry .gpu/a), `bash scripts/gpu_gist.sh b` (carry .gpu/b).
+# Then, on the GPU machine: `bash scripts/gpu_gist.sh a` once per .gpu/aN (carry .gpu/aN), then
+# `bash scripts/gpu_gist.sh b` (carry .gpu/b).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -32,20 +34,37 @@ GGUF="$PKG_DIR/$GGUF_NAME"
 [ -f "$GGUF" ] || die "$GGUF not found"
 
 rm -rf .gpu
-mkdir -p .gpu/a .gpu/b/whl .gpu/b/data
+mkdir -p .gpu/b/whl .gpu/b/data
 
-# Split in two halves (each < 48 MiB for a 98 MB file).
+# The train splits only (never the evaluation files), under the sub-paths TRAIN_FILES expects.
+for f in $TRAIN_FILES; do
+  [ -f "$DATA/$f" ] || die "train file $DATA/$f not found"
+  mkdir -p ".gpu/b/data/$(dirname "$f")"
+  cp "$DATA/$f" ".gpu/b/data/$f"
+done
+
+# Room per carry: 64 MiB less the working tree the device tool always sends, less a 1 MiB margin.
+TRACKED=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{ s += $1 } END { print s }')
+ROOM=$((63 * MIB - TRACKED))
+ROOM_B=$((ROOM - 256 * 1024 - $(du -sb .gpu/b/data | cut -f1)))  # the wheel is ~120 kB
+[ "$ROOM_B" -gt $((4 * MIB)) ] || die "the working tree ($TRACKED bytes) leaves no room for a GGUF part"
 SIZE=$(stat -c %s "$GGUF")
-HALF=$(((SIZE + 1) / 2))
-head -c "$HALF" "$GGUF" > .gpu/a/part-aa
-tail -c +"$((HALF + 1))" "$GGUF" > .gpu/b/part-ab
 echo "$SIZE" > .gpu/b/gguf.size
 sha256sum "$GGUF" | cut -d' ' -f1 > .gpu/b/gguf.sha256
-[ "$(cat .gpu/a/part-aa .gpu/b/part-ab | sha256sum | cut -d' ' -f1)" = "$(cat .gpu/b/gguf.sha256)" ] \
-  || die "the two parts do not rebuild the GGUF"
-for part in .gpu/a/part-aa .gpu/b/part-ab; do
-  [ "$(stat -c %s "$part")" -lt $((48 * MIB)) ] || die "$part is not under 48 MiB"
+LAST=$((SIZE < ROOM_B ? SIZE : ROOM_B))
+FRONT=$((SIZE - LAST))
+N=$(((FRONT + ROOM - 1) / ROOM))
+OFFSET=0
+for i in $(seq 1 "$N"); do
+  CHUNK=$(((FRONT - OFFSET + N - i) / (N - i + 1)))
+  mkdir -p ".gpu/a$i"
+  dd if="$GGUF" of=".gpu/a$i/part-$(printf %02d $((i - 1)))" bs=1M iflag=skip_bytes,count_bytes \
+    skip="$OFFSET" count="$CHUNK" status=none
+  OFFSET=$((OFFSET + CHUNK))
 done
+tail -c +"$((OFFSET + 1))" "$GGUF" > ".gpu/b/part-$(printf %02d "$N")"
+[ "$(cat .gpu/a*/part-* .gpu/b/part-* | sha256sum | cut -d' ' -f1)" = "$(cat .gpu/b/gguf.sha256)" ] \
+  || die "the parts do not rebuild the GGUF"
 
 # The gguf wheel (pure Python, py3-none-any), for Python 3.12 on the GPU machine.
 if ! "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -61,16 +80,8 @@ if ! ls .gpu/b/whl/gguf-*.whl >/dev/null 2>&1; then
   rm -rf .gpu/b/pkg/gguf/__pycache__ .gpu/b/pkg/gguf/*/__pycache__
 fi
 
-# The train splits only (never the evaluation files), under the sub-paths TRAIN_FILES expects.
-for f in $TRAIN_FILES; do
-  [ -f "$DATA/$f" ] || die "train file $DATA/$f not found"
-  mkdir -p ".gpu/b/data/$(dirname "$f")"
-  cp "$DATA/$f" ".gpu/b/data/$f"
+for d in .gpu/*/; do
+  [ $(($(du -sb "$d" | cut -f1) + TRACKED)) -lt $((64 * MIB)) ] || die "$d with the working tree is over 64 MiB"
 done
-
-A=$(du -sb .gpu/a | cut -f1)
-B=$(du -sb .gpu/b | cut -f1)
-[ "$A" -lt $((60 * MIB)) ] || die ".gpu/a is $A bytes, not under 60 MiB"
-[ "$B" -lt $((58 * MIB)) ] || die ".gpu/b is $B bytes, not under 58 MiB"
 find .gpu -type f -printf '%10s  %p\n' | sort -k2
-awk -v a="$A" -v b="$B" -v m="$MIB" 'BEGIN { printf "gpu_prepare: .gpu/a %.1f MiB, .gpu/b %.1f MiB: ready\n", a / m, b / m }'
+echo "gpu_prepare: ready: run stage a once per .gpu/aN ($N), then stage b"
