@@ -144,7 +144,7 @@ def test_fact_text_matches_the_harness_statement():
 
 
 def test_sink_init_sets_zero_keys_to_position_zero_keys(one_thread):
-    from editors.incomes.train import init_zero_keys_at_sink
+    from editors.incomes.compress import init_zero_keys_at_sink
 
     model = tiny_llama(vocab_size=VOCAB)
     addon = attached(model, adapter_rank=2, gate_init=0.0)
@@ -342,3 +342,26 @@ def test_heldout_check_scores_locality_on_the_facts_own_subject(one_thread):
     check = heldout_check(model, tiny_tokenizer(), addon, own + facts[4:])
     assert check["subject_locality"] == 1.0 and check["n_facts"] == 6
     addon.detach()
+
+
+def test_rare_answer_twins_give_a_made_up_answer_to_every_query_of_the_fact():
+    import random
+
+    from editors.incomes.rare_answers import made_up_name, rare_answer_twins
+    from editors.incomes.traindata import Query, TrainFact
+
+    fact = TrainFact("The capital of Zorbia is Quellton", Query("The capital of Zorbia is", "Quellton", "edit"),
+                     (Query("Zorbia's capital city is", "Quellton", "paraphrase"),),
+                     (Query("The sky is", "blue", "locality"),), "Zorbia")
+    names = {made_up_name(random.Random(i)) for i in range(200)}
+    assert len(names) > 190 and all(n[:1].isupper() and n.replace(" ", "").isalpha() for n in names)
+    assert rare_answer_twins([fact], 0.0) == []
+    twins = rare_answer_twins([fact] * 40, 1.0, seed=5)
+    assert len(twins) == 40 and twins == rare_answer_twins([fact] * 40, 1.0, seed=5)  # deterministic
+    for twin in twins:
+        answer = twin.edit.answer
+        assert answer != "Quellton" and twin.text == f"{twin.edit.prompt} {answer}"
+        assert twin.paraphrases and all(q.answer == answer for q in twin.paraphrases)
+        assert twin.locality == fact.locality and twin.subject == "Zorbia"
+    prompts = {t.edit.prompt for t in twins}  # half asked as the cloze, half as a question
+    assert "The capital of Zorbia is" in prompts and any(p.endswith("Zorbia?") for p in prompts)

@@ -135,3 +135,25 @@ def compress_texts(model, tokenizer, addon, texts: Sequence[str], batch_size: in
     id_lists = [tokenizer(text)["input_ids"] for text in texts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return compress_ids(model, addon, id_lists, batch_size, max_tokens, grad, pad_id=pad)
+
+
+@torch.no_grad()
+def init_zero_keys_at_sink(model, addon, id_lists: list[list[int]], pad_id: int) -> None:
+    """Set each upper layer's zero-gist key to the mean pre-RoPE key of position 0 over `id_lists`.
+
+    Position 0 is the base model's attention sink (on SmolLM2 60-90% of an upper layer's attention from
+    the last token goes there), and a pre-RoPE gist key is scored as if it sat at position 0. So the
+    zero-gist starts as the sink: a query's gist attention starts mostly on "nothing", and a gist must
+    earn its weight against it, which is what locality needs. Call it on an attached add-on."""
+    from editors.incomes.objective import _pad  # objective imports this module
+
+    device = addon.gist_embedding.device
+    ids, mask = _pad([list(r) for r in id_lists], pad_id, device)  # [B, T]
+    rows = torch.arange(ids.shape[0], device=device)  # [B]
+    decoder, _ = find_layer_stack(model)
+    was = addon.runtime.pool
+    gists = _compress_batch(decoder, addon, ids, mask, torch.zeros_like(rows))  # K/V at column 0
+    addon.runtime.pool = was
+    for pos, layer in enumerate(addon.layer_ids):
+        zero_key = addon.branches[str(layer)].zero_key  # [KVH, D]
+        zero_key.copy_(gists.keys[pos].float().mean(dim=0).to(zero_key.dtype))

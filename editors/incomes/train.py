@@ -25,11 +25,13 @@ from pathlib import Path
 import torch
 
 from editors.incomes.compress import CompressedGists, add_gist_token, compress_ids
+from editors.incomes.compress import init_zero_keys_at_sink
 from editors.incomes.config import GistConfig
 from editors.incomes.modules import GistAddon
 from editors.incomes.train_config import (AMP_MODES, ZERO_KEY_INITS, TrainConfig, amp_context,  # noqa: F401
                                           load_checkpoint, make_optimizer, save_checkpoint)
 from editors.incomes.objective import Tokens, encode, heldout_check, student_loss, teacher_targets
+from editors.incomes.rare_answers import rare_answer_twins
 from editors.incomes.traindata import (ChunkSampler, fact_text, load_train_facts, split_holdout,
                                        with_question_twins, with_subject_locality)
 from memory.errors import EngramError
@@ -95,30 +97,6 @@ def train_step(model, tokens: Tokens, addon, opt, sampler, facts, step: int, cfg
     return {**stats, "chunk": len(gists), "lr": lr}
 
 
-@torch.no_grad()
-def init_zero_keys_at_sink(model, addon: GistAddon, id_lists: list[list[int]], pad_id: int) -> None:
-    """Set each upper layer's zero-gist key to the mean pre-RoPE key of position 0 over `id_lists`.
-
-    Position 0 is the base model's attention sink (on SmolLM2 60-90% of an upper layer's attention from
-    the last token goes there), and a pre-RoPE gist key is scored as if it sat at position 0. So the
-    zero-gist starts as the sink: a query's gist attention starts mostly on "nothing", and a gist must
-    earn its weight against it, which is what locality needs. Call it on an attached add-on."""
-    from editors.incomes.compress import _compress_batch
-    from editors.incomes.introspect import find_layer_stack
-    from editors.incomes.objective import _pad
-
-    device = addon.gist_embedding.device
-    ids, mask = _pad([list(r) for r in id_lists], pad_id, device)  # [B, T]
-    rows = torch.arange(ids.shape[0], device=device)  # [B]
-    decoder, _ = find_layer_stack(model)
-    was = addon.runtime.pool
-    gists = _compress_batch(decoder, addon, ids, mask, torch.zeros_like(rows))  # K/V at column 0
-    addon.runtime.pool = was
-    for pos, layer in enumerate(addon.layer_ids):
-        zero_key = addon.branches[str(layer)].zero_key  # [KVH, D]
-        zero_key.copy_(gists.keys[pos].float().mean(dim=0).to(zero_key.dtype))
-
-
 def _gate_mean(addon: GistAddon) -> float | None:
     gates = [b.gate for b in addon.branches.values() if b.gate is not None]
     return float(torch.stack([g.detach().abs().mean() for g in gates]).mean()) if gates else None
@@ -152,7 +130,8 @@ def train(model, tokenizer, facts, cfg: TrainConfig, gist_cfg: GistConfig, run_d
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else run_dir / "checkpoint"
     torch.manual_seed(cfg.seed)
     train_facts, holdout = split_holdout(facts, cfg.holdout, cfg.seed)
-    train_facts = with_question_twins(train_facts, cfg.question_twins, cfg.seed)  # twins of train facts only
+    train_facts = (with_question_twins(train_facts, cfg.question_twins, cfg.seed)  # twins of train facts only
+                   + rare_answer_twins(train_facts, cfg.rare_answers, cfg.seed))
     train_facts = with_subject_locality(train_facts, cfg.subject_locality, cfg.seed)
     facts = train_facts + holdout
     gist_id = add_gist_token(tokenizer, gist_cfg.gist_token)

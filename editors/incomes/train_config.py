@@ -39,6 +39,7 @@ class TrainConfig:
     paraphrase_prob: float = 0.5
     period_prob: float = 0.3  # chance that a fact is written with a final period
     question_twins: float = 0.0  # fraction of train facts also given as "question? answer" (ZsRE's form)
+    rare_answers: float = 0.0  # fraction of train facts also given with a made-up answer (copying, as ZsRE needs)
     subject_locality: int = 0  # generated locality queries per train fact that ask its subject another relation
     after_answer: bool = False  # KL also at the position after each query's answer (what follows it)
     holdout: int = 200  # facts of the train files never trained on, for the periodic checks
@@ -67,7 +68,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0")
         if not (self.lr > 0 and self.fast_lr_mult > 0 and 0 <= self.min_lr_ratio <= 1 and self.grad_clip > 0):
             raise ConfigError("lr, fast_lr_mult and grad_clip must be > 0 and min_lr_ratio in [0, 1]")
-        for name in ("locality_prob", "paraphrase_prob", "period_prob", "curriculum", "question_twins"):
+        for name in ("locality_prob", "paraphrase_prob", "period_prob", "curriculum", "question_twins",
+                     "rare_answers"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must lie in [0, 1]")
         if self.zero_key_init not in ZERO_KEY_INITS:
