@@ -5,7 +5,8 @@ Pairs, each a fact's prompt (or one of its question forms) against a query about
   forms (editors/incomes/questions), and its template prompt against its question form;
 - other relation (should not): the train files' locality probes that name the subject, and one relation of
   the 27 that the files' same-subject probes ask, in KnowEdit's two forms ("The R of X is", "X R").
-Prints, per threshold, the share of same-relation pairs kept and of other-relation pairs blocked.
+Prints, per threshold, the share of same-relation pairs kept and of other-relation pairs blocked, for all
+facts and for the facts written as a question (which have their own threshold).
 
     python scripts/relation_gate_calibration.py [--data-root ../shared/data] [--facts 1500]
 """
@@ -72,6 +73,13 @@ def main() -> None:
         print(f"threshold {threshold:.2f}: keeps {(keep >= threshold).mean():.3f} of same-relation pairs "
               f"({(cf >= threshold).mean():.3f} of counterfact-edit's paraphrases), "
               f"blocks {(block < threshold).mean():.3f} of other-relation pairs")
+    # facts written as a question (the gate's question_threshold): the pairs whose fact side is a question
+    asks_same = np.array([p[0].endswith("?") for p in same])
+    asks_other = np.array([p[0].endswith("?") for p in other])
+    print(f"facts written as a question: {asks_same.sum()} same-relation, {asks_other.sum()} other-relation pairs")
+    for threshold in (0.4, 0.45, 0.5, 0.55, 0.6):
+        print(f"threshold {threshold:.2f}: keeps {(keep[asks_same] >= threshold).mean():.3f}, "
+              f"blocks {(block[asks_other] < threshold).mean():.3f}")
 
 
 if __name__ == "__main__":

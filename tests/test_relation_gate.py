@@ -21,7 +21,7 @@ def make_memory(threshold: float = 0.5) -> GistMemory:
     model.requires_grad_(False)
     addon = GistAddon.for_model(model, GistConfig(adapter_rank=4, zero_key_init_std=0.1, gate_init=1.0))
     tok = tiny_tokenizer()
-    gate = RelationGate(tok, HashEmbedder(dim=256), threshold=threshold)  # bag of words: shared words count
+    gate = RelationGate(tok, HashEmbedder(dim=256), threshold=threshold, question_threshold=threshold)  # bag of words
     mem = GistMemory(model, tok, addon, relation_gate=gate)
     mem.add([1, 2], FACTS, subjects=SUBJECTS, prompts=PROMPTS)
     return mem
@@ -115,3 +115,24 @@ def test_a_pool_saved_before_relation_texts_loads_gated_by_mention_only(mem, tmp
     save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
     old = GistPool.load(path)
     assert old.view().relations == () and old.view().anchors == mem.pool.view().anchors
+
+
+def test_a_fact_written_as_a_question_has_its_own_threshold():
+    """At one cosine between the two thresholds, a cloze fact is read and a question fact is not."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    class FixedCosine:  # every query vector meets every relation vector at cosine 0.45
+        def embed(self, texts):
+            angle = np.arccos(0.45)
+            return np.array([[1.0, 0.0] if t.startswith("q:") else [np.cos(angle), np.sin(angle)] for t in texts])
+
+    gate = RelationGate(None, FixedCosine())
+    assert gate.threshold_for("Which family does X belong to?") == 0.5
+    assert gate.threshold_for("X is a native speaker of") == gate.threshold == 0.4
+    gate.query_text = lambda seq, anchors: "q: " + "".join(anchors)
+    pool = SimpleNamespace(anchors=[("a",), ("b",)], relations=["Which family does X belong to?", "X is a member of"])
+    assert gate([1, 2, 3], [0, 1], pool) == {1}
+    with pytest.raises(ValueError):
+        RelationGate(None, FixedCosine(), question_threshold=-0.1)

@@ -11,9 +11,15 @@ The threshold comes from the train files only (`scripts/relation_gate_calibratio
 same-relation and 6,558 other-relation pairs), 0.4, the highest in steps of 0.05 that lets through at least
 95% of counterfact-edit's paraphrases (95.9%; noisy prompts such as "Category:Nigerian traditional states
 X works as"; 84.1% at 0.5). It keeps 99.2% of all same-relation pairs (paraphrases and question forms) and
-blocks 19.7% of other-relation probes of the same subject (at 0.5: 94.7% and 57.1%). A fact's own prompt always passes. Within one template ("The mother
-tongue of X is" / "The population of X is") MiniLM finds most relations alike (~0.45-0.55): the gate
-mostly separates a question from a template probe. Measured effect: docs/incomes.md, "The relation gate".
+blocks 19.7% of other-relation probes of the same subject (at 0.5: 94.7% and 57.1%). A fact's own prompt
+always passes. Within one template ("The mother tongue of X is" / "The population of X is") MiniLM finds most
+relations alike (~0.45-0.55): the gate mostly separates a question from a template probe.
+
+A fact written as a question (ZsRE's form, and how chat users ask) gets its own threshold by the same rule:
+0.5, the highest that keeps at least 95% of the same-relation pairs whose fact is a question (95.2%: its
+other question forms and its cloze prompt); it blocks 59.1% of other-relation probes there, against 21.7%
+at 0.4. CounterFact's noisy paraphrases, which held the shared threshold at 0.4, belong to cloze facts.
+Measured effect: docs/incomes.md, "The relation gate".
 """
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-DEFAULT_THRESHOLD = 0.4
+DEFAULT_THRESHOLD = 0.4  # facts written as a statement or cloze prompt
+DEFAULT_QUESTION_THRESHOLD = 0.5  # facts written as a question ("Which family does X belong to? Noctuidae")
 _BOUNDARY = re.compile(r"(?<=[.!?])\s+|\n")
 _CACHE_SIZE = 4096
 
@@ -47,10 +54,12 @@ def _around(before: str, after: str) -> str:
 class RelationGate:
     """Called by the gist hooks once per query sequence: which of the rows it mentions may it read."""
 
-    def __init__(self, tokenizer, embedder=None, threshold: float = DEFAULT_THRESHOLD):
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"relation gate threshold must be in [0, 1], got {threshold}")
-        self.tokenizer, self.threshold = tokenizer, threshold
+    def __init__(self, tokenizer, embedder=None, threshold: float = DEFAULT_THRESHOLD,
+                 question_threshold: float = DEFAULT_QUESTION_THRESHOLD):
+        for value in (threshold, question_threshold):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"relation gate threshold must be in [0, 1], got {value}")
+        self.tokenizer, self.threshold, self.question_threshold = tokenizer, threshold, question_threshold
         self._embedder = embedder
         self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
 
@@ -72,7 +81,12 @@ class RelationGate:
                 by_subject[key] = self.query_text(seq, key)
             queries[i] = by_subject[key]
         vectors = self.vectors([pool.relations[i] for i in rows] + list(queries.values()))
-        return {i for i in rows if float(vectors[pool.relations[i]] @ vectors[queries[i]]) >= self.threshold}
+        return {i for i in rows
+                if float(vectors[pool.relations[i]] @ vectors[queries[i]]) >= self.threshold_for(pool.relations[i])}
+
+    def threshold_for(self, relation: str) -> float:
+        """The threshold for a fact with this relation text: its own for a question, the shared one else."""
+        return self.question_threshold if relation.rstrip().endswith("?") else self.threshold
 
     def query_text(self, seq: list[int], anchors: Sequence[str]) -> str:
         """The query's sentence around its last mention of the subject (anchors: id strings, hooks.id_string)."""
