@@ -18,7 +18,7 @@ relations alike (~0.45-0.55): the gate mostly separates a question from a templa
 A fact written as a question (ZsRE's form, and how chat users ask) gets its own threshold by the same rule:
 0.5, the highest that keeps at least 95% of the same-relation pairs whose fact is a question (95.2%: its
 other question forms and its cloze prompt); it blocks 59.1% of other-relation probes there, against 21.7%
-at 0.4. CounterFact's noisy paraphrases, which held the shared threshold at 0.4, belong to cloze facts.
+at 0.4. CounterFact's noisy paraphrases, which held the shared threshold at 0.4, mostly belong to cloze facts.
 Measured effect: docs/incomes.md, "The relation gate".
 """
 from __future__ import annotations
