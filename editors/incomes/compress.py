@@ -64,6 +64,14 @@ def add_gist_token(tokenizer, token: str = "<GIST>") -> int:
     return token_id
 
 
+def pad_rows(rows: list[list[int]], pad_id: int, device, width: int | None = None):
+    """Right-padded [B, T] ids and mask, built as one tensor (no per-row tensor ops)."""
+    width = width or max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)  # [B, T]
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)  # [B, T]
+    return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+
+
 def _pack(id_lists: Sequence[Sequence[int]], gist_id: int, pad_id: int, max_tokens: int, device):
     """Right-padded [B, T] ids and mask with <GIST> appended to each row, and each row's gist column."""
     rows = []
@@ -75,14 +83,9 @@ def _pack(id_lists: Sequence[Sequence[int]], gist_id: int, pad_id: int, max_toke
             log.warning("fact of %d tokens cut to %d before its <GIST>", len(ids), max_tokens - 1)
             ids = ids[: max_tokens - 1]
         rows.append(ids + [gist_id])
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, T]
-    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
+    input_ids, mask = pad_rows(rows, pad_id, device)  # [B, T]
     cols = torch.tensor([len(r) - 1 for r in rows])  # [B]
-    return input_ids.to(device), mask.to(device), cols.to(device)
+    return input_ids, mask, cols.to(device)
 
 
 def compress_ids(model, addon, id_lists: Sequence[Sequence[int]], batch_size: int = 32,
@@ -145,10 +148,8 @@ def init_zero_keys_at_sink(model, addon, id_lists: list[list[int]], pad_id: int)
     the last token goes there), and a pre-RoPE gist key is scored as if it sat at position 0. So the
     zero-gist starts as the sink: a query's gist attention starts mostly on "nothing", and a gist must
     earn its weight against it, which is what locality needs. Call it on an attached add-on."""
-    from editors.incomes.objective import _pad  # objective imports this module
-
     device = addon.gist_embedding.device
-    ids, mask = _pad([list(r) for r in id_lists], pad_id, device)  # [B, T]
+    ids, mask = pad_rows([list(r) for r in id_lists], pad_id, device)  # [B, T]
     rows = torch.arange(ids.shape[0], device=device)  # [B]
     decoder, _ = find_layer_stack(model)
     was = addon.runtime.pool

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from editors.incomes.compress import compress_ids
+from editors.incomes.compress import compress_ids, pad_rows
 from editors.incomes.introspect import find_layer_stack
 from editors.incomes.traindata import Query, TrainFact
 from evaluation.metrics import join_prompt_target
@@ -92,14 +92,6 @@ class Encoded:
     t_cols: torch.Tensor | None = None  # [P]
 
 
-def _pad(rows: list[list[int]], pad_id: int, device, width: int | None = None):
-    """Right-padded [B, T] ids and mask, built as one tensor (no per-row tensor ops)."""
-    width = width or max(len(r) for r in rows)
-    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)  # [B, T]
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)  # [B, T]
-    return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-
-
 def encode(tokens, queries: Sequence[Query], fact_texts: Sequence[str] | None, device,
            after_answer: bool = False) -> Encoded:
     """Token ids for student (and teacher, when fact_texts is given), with aligned scored positions.
@@ -132,12 +124,12 @@ def encode(tokens, queries: Sequence[Query], fact_texts: Sequence[str] | None, d
             ans.append(False)
             n += 1
         fact += [q.kind != "locality"] * n
-    s_ids, s_mask = _pad(students, tokens.pad, device)
+    s_ids, s_mask = pad_rows(students, tokens.pad, device)
     as_t = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype).to(device, non_blocking=True)  # noqa: E731
     enc = Encoded(s_ids, s_mask, as_t(rows), as_t(s_cols), as_t(tgt), as_t(ans, torch.bool),
                   as_t(fact, torch.bool), as_t(rows))
     if fact_texts is not None:
-        enc.teacher_ids, enc.teacher_mask = _pad(teachers, tokens.pad, device)
+        enc.teacher_ids, enc.teacher_mask = pad_rows(teachers, tokens.pad, device)
         enc.t_cols = as_t(t_cols)
     return enc
 

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from editors.incomes.compress import CompressedGists, add_gist_token, compress_ids
-from editors.incomes.compress import init_zero_keys_at_sink
+from editors.incomes.compress import CompressedGists, add_gist_token, compress_ids, init_zero_keys_at_sink
 from editors.incomes.config import GistConfig
 from editors.incomes.modules import GistAddon
 from editors.incomes.train_config import (AMP_MODES, ZERO_KEY_INITS, TrainConfig, amp_context,  # noqa: F401
