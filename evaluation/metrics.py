@@ -143,6 +143,7 @@ def _span_predictions(model, tokenizer, prompts: Sequence[str], targets: Sequenc
     logits (and their default 0..n-1 positions) are the same as unpadded. Longest first, to pad little.
     Leading tokens that every prompt shares (ICL's facts block) run once (editors.prefix_cache).
     """
+    from editors.causal import prompts_end_at
     from editors.prefix_cache import shared_prefix_for
 
     if len(prompts) != len(targets):
@@ -165,10 +166,11 @@ def _span_predictions(model, tokenizer, prompts: Sequence[str], targets: Sequenc
             ids = encoded[i][0][skip:]
             input_ids[row, :len(ids)] = torch.tensor(ids)
             mask[row, :len(ids)] = 1
-        if prefix:
-            logits = prefix.forward(input_ids.to(device), mask.to(device)).logits  # [B, L - skip, V]
-        else:
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits  # [B, L, V]
+        with prompts_end_at([encoded[i][1] - skip for i in chunk]):  # gates look at the prompt only
+            if prefix:
+                logits = prefix.forward(input_ids.to(device), mask.to(device)).logits  # [B, L - skip, V]
+            else:
+                logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits  # [B, L, V]
         for row, i in enumerate(chunk):
             ids, start = encoded[i]
             pred = span_argmax(logits[row], start - skip, len(ids) - skip).cpu()

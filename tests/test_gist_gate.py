@@ -113,3 +113,23 @@ def test_temperature_follows_the_rows_a_query_may_read():
         mem.addon.eval()
     finally:
         mem.close()
+
+
+def test_teacher_forced_scoring_gates_on_the_prompt_only(gated):
+    """Scoring feeds prompt and target in one forward; a subject named only in the target must not let the
+    prompt's positions read its gist (a causal model's prediction never depends on the tokens after it)."""
+    from editors.causal import prompts_end_at
+    from evaluation import metrics
+
+    prompt, target = "The capital of Blargland is", "Zorbia or Vantor"
+    ids, start = metrics.encode_target(gated.tokenizer, prompt, target)
+    whole = torch.tensor([ids])
+    base = gated.model(whole).logits[0]
+    with gated.reading():
+        anywhere = gated.model(whole).logits[0]  # the whole sequence decides: the target's mention reads
+        with prompts_end_at([start]):
+            causal = gated.model(whole).logits[0]
+        scored = metrics.argmax_tokens(gated.model, gated.tokenizer, [prompt], [target])[0]
+    assert not torch.equal(anywhere[:start], base[:start])
+    assert torch.equal(causal, base)  # the prompt names no subject: nothing is read, not even later
+    assert scored == metrics.span_argmax(base, start, len(ids)).tolist()

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from editors.causal import prompt_parts
 from editors.incomes.introspect import (GistHookError, attention_of, check_attention_signature,
                                         find_layer_stack, rope_function, split_call)
 
@@ -91,7 +92,7 @@ class GistRuntime:
         """Set `visible` [B, N]: a row with anchors is readable by a sequence whose tokens (this forward's,
         after those of earlier forwards when decoding) contain one of its anchors, and, with a relation gate,
         whose sentence naming the subject asks what the row's relation text asks."""
-        id_lists = ids.tolist()
+        id_lists = prompt_parts(ids.tolist())  # teacher forcing: the target's tokens decide nothing
         rows = [id_string(r) for r in id_lists]
         continuing = self.continuing and self.history is not None and len(self.history) == len(rows)
         if continuing:
