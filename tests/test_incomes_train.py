@@ -98,6 +98,32 @@ def test_after_answer_scores_what_follows_the_answer():
         t_last = int(after.teacher_mask[b].sum()) - 1
         assert int(after.t_cols[extra]) == t_last  # aligned with the teacher's last token
     assert torch.equal(after.answer.sum(), plain.answer.sum())
+    assert int(after.after.sum()) == 2 and not bool(plain.after.any())  # flagged for after_answer_weight
+
+
+def test_after_answer_weight_scales_the_kl_after_a_fact_query_s_answer(one_thread):
+    from editors.incomes.compress import compress_texts
+    from editors.incomes.objective import encode, student_loss, teacher_targets
+    from editors.incomes.traindata import Query
+
+    model = tiny_llama(vocab_size=VOCAB)
+    addon = attached(model, adapter_rank=2)
+    tok = tiny_tokenizer()
+    queries = [Query("Ann lives in", "Rome", "edit"), Query("The sky is", "blue", "locality")]
+    facts = ["Ann lives in Rome", "Bob lives in Oslo"]
+    enc = encode(tok, queries, facts, "cpu", after_answer=True)
+    teacher, w = teacher_targets(model, addon, enc)
+    gists = compress_texts(model, tok, addon, facts)
+    loss = {k: student_loss(model, addon, enc, gists, teacher, w, after_answer_weight=k)[0] for k in (1.0, 4.0)}
+    with addon.use(gists):
+        from editors.incomes.objective import _logp
+
+        student = _logp(model, enc.student_ids, enc.student_mask, enc.s_rows, enc.s_cols)
+    kl = torch.nn.functional.kl_div(student, teacher, reduction="none", log_target=True).sum(-1)
+    only = enc.after & enc.with_fact  # the edit query's after-answer position; the locality one keeps 1
+    assert int(only.sum()) == 1
+    expected = loss[1.0] + 3.0 * kl[only].sum() / kl.numel()
+    torch.testing.assert_close(loss[4.0], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_merged_teacher_forward_matches_separate_forwards(one_thread):

@@ -90,6 +90,7 @@ class Encoded:
     teacher_ids: torch.Tensor | None = None  # [B, Tt] right-padded [fact, "\n", query]
     teacher_mask: torch.Tensor | None = None
     t_cols: torch.Tensor | None = None  # [P]
+    after: torch.Tensor | None = None  # [P] bool: the position after a query's answer (after_answer)
 
 
 def encode(tokens, queries: Sequence[Query], fact_texts: Sequence[str] | None, device,
@@ -102,7 +103,7 @@ def encode(tokens, queries: Sequence[Query], fact_texts: Sequence[str] | None, d
         tokens = Tokens(tokens)
     n_prefix = len(tokens.prefix)
     students, teachers = [], []
-    rows, s_cols, t_cols, tgt, ans, fact = [], [], [], [], [], []
+    rows, s_cols, t_cols, tgt, ans, fact, after = [], [], [], [], [], [], []
     for b, q in enumerate(queries):
         ids, start = tokens.query(q.prompt, q.answer)
         students.append(ids)
@@ -116,18 +117,20 @@ def encode(tokens, queries: Sequence[Query], fact_texts: Sequence[str] | None, d
         t_cols += range(first - 1 + shift, len(ids) - 1 + shift)
         tgt += ids[first:]
         ans += [j >= start for j in range(first, len(ids))]
+        after += [False] * n
         if after_answer:  # the last token's logits: what comes after the answer (w = 0 there, not an answer)
             rows.append(b)
             s_cols.append(len(ids) - 1)
             t_cols.append(len(ids) - 1 + shift)
             tgt.append(tokens.pad)
             ans.append(False)
+            after.append(True)
             n += 1
         fact += [q.kind != "locality"] * n
     s_ids, s_mask = pad_rows(students, tokens.pad, device)
     as_t = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype).to(device, non_blocking=True)  # noqa: E731
     enc = Encoded(s_ids, s_mask, as_t(rows), as_t(s_cols), as_t(tgt), as_t(ans, torch.bool),
-                  as_t(fact, torch.bool), as_t(rows))
+                  as_t(fact, torch.bool), as_t(rows), after=as_t(after, torch.bool))
     if fact_texts is not None:
         enc.teacher_ids, enc.teacher_mask = pad_rows(teachers, tokens.pad, device)
         enc.t_cols = as_t(t_cols)
@@ -178,9 +181,10 @@ def teacher_targets(model, addon, enc: Encoded) -> tuple[torch.Tensor, torch.Ten
 
 
 def student_loss(model, addon, enc: Encoded, gists, teacher: torch.Tensor, w: torch.Tensor,
-                 ce_weight: float = 1.0, locality_weight: float = 1.0):
+                 ce_weight: float = 1.0, locality_weight: float = 1.0, after_answer_weight: float = 1.0):
     """(loss, stats): mean over scored positions of ce_weight * w * CE + k * KL(teacher || student),
-    where k is `locality_weight` on the tokens of locality queries and 1 elsewhere.
+    where k is `locality_weight` on the tokens of locality queries, `after_answer_weight` at the position
+    after a fact query's answer, and 1 elsewhere.
 
     stats are detached 0-d tensors (no host sync here; call .item() when logging)."""
     with addon.use(gists):
@@ -190,6 +194,8 @@ def student_loss(model, addon, enc: Encoded, gists, teacher: torch.Tensor, w: to
     n = max(int(ce.numel()), 1)
     wce = (w * ce).sum() / n
     k = torch.where(enc.with_fact, 1.0, float(locality_weight))  # [P]
+    if enc.after is not None and after_answer_weight != 1.0:
+        k = torch.where(enc.after & enc.with_fact, float(after_answer_weight), k)  # [P]
     loss = ce_weight * wce + (k * kl).sum() / n
     with torch.no_grad():
         answer = (enc.answer & enc.with_fact).float()  # [P] answer tokens of fact queries

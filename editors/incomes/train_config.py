@@ -42,6 +42,7 @@ class TrainConfig:
     rare_answers: float = 0.0  # fraction of train facts also given with a made-up answer (copying, as ZsRE needs)
     subject_locality: int = 0  # generated locality queries per train fact that ask its subject another relation
     after_answer: bool = False  # KL also at the position after each query's answer (what follows it)
+    after_answer_weight: float = 1.0  # multiplies the KL at that position (greedy text after the answer)
     holdout: int = 200  # facts of the train files never trained on, for the periodic checks
     eval_every: int = 100  # steps between held-out checks (0 = none)
     eval_seconds: float = 0.0  # also check every this many seconds (0 = off)
@@ -63,7 +64,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1")
         for name in ("warmup", "holdout", "eval_every", "eval_facts", "save_every", "bank_size", "eval_seconds",
-                     "save_seconds", "time_budget", "ce_weight", "locality_weight", "subject_locality"):
+                     "save_seconds", "time_budget", "ce_weight", "locality_weight", "subject_locality",
+                     "after_answer_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
         if not (self.lr > 0 and self.fast_lr_mult > 0 and 0 <= self.min_lr_ratio <= 1 and self.grad_clip > 0):
