@@ -243,6 +243,7 @@ class GistMethod(Method):
     name = "gist"
     mention_gate = True  # a fact's gist is read only by queries that mention its subject (GistMemory)
     relation_gate = True  # ... and ask what its prompt asks (editors/incomes/relation_gate)
+    relation_classifier = "default"  # the gate's learned same-relation test (None: MiniLM cosine)
 
     def __init__(self, model, tokenizer, model_name: str = "smollm2-135m", gist_addon=None, **kw):
         super().__init__(model, tokenizer)
@@ -257,7 +258,8 @@ class GistMethod(Method):
             from editors.incomes.relation_gate import RelationGate
 
             gates = {"mention_gate": self.mention_gate,
-                     "relation_gate": RelationGate(self.tokenizer) if self.relation_gate else None}
+                     "relation_gate": RelationGate(self.tokenizer, classifier=self.relation_classifier)
+                     if self.relation_gate else None}
             if isinstance(self._addon_source, GistAddon):
                 self._memory = GistMemory(self.model, self.tokenizer, self._addon_source, **gates)
             else:
@@ -315,6 +317,13 @@ class UngatedGistMethod(GistMethod):
     mention_gate = False
 
 
+class CosineGistMethod(GistMethod):
+    """The gist pool with the relation gate deciding by MiniLM cosine instead of its learned test."""
+
+    name = "gist-cosine"
+    relation_classifier = None
+
+
 class MentionGistMethod(GistMethod):
     """The gist pool with the mention gate alone (no relation gate)."""
 
@@ -323,5 +332,5 @@ class MentionGistMethod(GistMethod):
 
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Method, FTMMethod, ICEMethod, GistMethod,
-                                                              UngatedGistMethod, MentionGistMethod, ICLMethod,
-                                                              RAGMethod)}
+                                                              CosineGistMethod, UngatedGistMethod,
+                                                              MentionGistMethod, ICLMethod, RAGMethod)}

@@ -20,6 +20,11 @@ A fact written as a question (ZsRE's form, and how chat users ask) gets its own 
 other question forms and its cloze prompt); it blocks 59.1% of other-relation probes there, against 21.7%
 at 0.4. CounterFact's noisy paraphrases, which held the shared threshold at 0.4, mostly belong to cloze facts.
 Measured effect: docs/incomes.md, "The relation gate".
+
+By default the decision is not the cosine but a learned same-relation test on the same two vectors
+(editors/incomes/relation_classifier, fitted on the train files by scripts/train_relation_gate.py), with its
+own two thresholds set by the same 95% rule on held-out relation texts; the cosine above is the fallback
+for any other embedder, and `engram eval --methods gist-cosine` measures it.
 """
 from __future__ import annotations
 
@@ -55,13 +60,24 @@ class RelationGate:
     """Called by the gist hooks once per query sequence: which of the rows it mentions may it read."""
 
     def __init__(self, tokenizer, embedder=None, threshold: float = DEFAULT_THRESHOLD,
-                 question_threshold: float = DEFAULT_QUESTION_THRESHOLD):
+                 question_threshold: float = DEFAULT_QUESTION_THRESHOLD, classifier="default"):
+        """`classifier`: a RelationClassifier, None (the cosine and its thresholds), or "default": the
+        shipped classifier if it was fitted on this gate's embedder, else the cosine."""
         for value in (threshold, question_threshold):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"relation gate threshold must be in [0, 1], got {value}")
         self.tokenizer, self.threshold, self.question_threshold = tokenizer, threshold, question_threshold
-        self._embedder = embedder
+        self._embedder, self._classifier = embedder, classifier
         self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    @property
+    def classifier(self):
+        """The learned test in use, or None when the gate compares cosines."""
+        if isinstance(self._classifier, str):
+            from editors.incomes.relation_classifier import default_classifier
+
+            self._classifier = default_classifier(getattr(self.embedder, "name", None))
+        return self._classifier
 
     @property
     def embedder(self):
@@ -81,8 +97,14 @@ class RelationGate:
                 by_subject[key] = self.query_text(seq, key)
             queries[i] = by_subject[key]
         vectors = self.vectors([pool.relations[i] for i in rows] + list(queries.values()))
-        return {i for i in rows
-                if float(vectors[pool.relations[i]] @ vectors[queries[i]]) >= self.threshold_for(pool.relations[i])}
+        rows = list(rows)
+        if self.classifier is None or not rows:
+            return {i for i in rows if float(vectors[pool.relations[i]] @ vectors[queries[i]])
+                    >= self.threshold_for(pool.relations[i])}
+        relations, asked = [pool.relations[i] for i in rows], [queries[i] for i in rows]
+        logits = self.classifier.logits(np.stack([vectors[t] for t in relations]),
+                                        np.stack([vectors[t] for t in asked]), relations, asked)  # [rows]
+        return {i for i, logit, rel in zip(rows, logits, relations) if logit >= self.classifier.threshold_for(rel)}
 
     def threshold_for(self, relation: str) -> float:
         """The threshold for a fact with this relation text: its own for a question, the shared one else."""
