@@ -75,6 +75,9 @@ def test_the_gate_decides_by_the_classifier_when_it_has_one():
     gate.query_text = lambda seq, anchors: {"a": "q1", "b": "q2"}[anchors[0]]
     pool = SimpleNamespace(anchors=[("a",), ("b",)], relations=["X is a member of", "X is a member of"])
     assert gate([1, 2], [0, 1], pool) == {0}
+    strict = RelationGate(None, TwoAxes(), classifier=classifier(threshold=100.0))  # no logit reaches it
+    strict.query_text = lambda seq, anchors: {"a": "X is a member of", "b": "q1"}[anchors[0]]
+    assert strict([1, 2], [0, 1], pool) == {0}  # the fact's own prompt reads, whatever the logit
     cosine_only = RelationGate(None, TwoAxes(), classifier=None)
     cosine_only.query_text = gate.query_text
     assert cosine_only([1, 2], [0, 1], pool) == {0, 1}  # cosine 0.74 passes 0.4

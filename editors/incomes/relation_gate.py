@@ -104,7 +104,8 @@ class RelationGate:
         relations, asked = [pool.relations[i] for i in rows], [queries[i] for i in rows]
         logits = self.classifier.logits(np.stack([vectors[t] for t in relations]),
                                         np.stack([vectors[t] for t in asked]), relations, asked)  # [rows]
-        return {i for i, logit, rel in zip(rows, logits, relations) if logit >= self.classifier.threshold_for(rel)}
+        return {i for i, logit, rel, query in zip(rows, logits, relations, asked)
+                if query == rel or logit >= self.classifier.threshold_for(rel)}  # its own prompt always reads
 
     def threshold_for(self, relation: str) -> float:
         """The threshold for a fact with this relation text: its own for a question, the shared one else."""

@@ -1,0 +1,60 @@
+"""Where the gist falls short of the fact in context: teacher-forced accuracy on the answer's first token and on
+its later tokens, for the base model, the model with the one fact in its prompt, and the gist pool holding
+that fact alone (both gates on).
+
+    python scripts/gist_token_positions.py [--dataset ../shared/data/knowedit/ZsRE-test-all.json] [--n 100]
+        [--gist-addon DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from editors.incomes.memory import GistMemory  # noqa: E402
+from editors.model import load_model  # noqa: E402
+from evaluation.datasets import load_dataset  # noqa: E402
+from evaluation.methods import statement  # noqa: E402
+from evaluation.metrics import argmax_tokens, encode_target  # noqa: E402
+
+
+def summary(name: str, targets: list[list[int]], predictions: list[list[int]]) -> None:
+    per_case = [sum(t == p for t, p in zip(tgt, pred)) / len(tgt) for tgt, pred in zip(targets, predictions)]
+    first = [tgt[0] == pred[0] for tgt, pred in zip(targets, predictions)]
+    later = [t == p for tgt, pred in zip(targets, predictions) for t, p in zip(tgt[1:], pred[1:])]
+    print(f"{name:18s} edit success {sum(per_case) / len(per_case):.3f} | first token {sum(first) / len(first):.3f}"
+          f" | later tokens {sum(later) / max(1, len(later)):.3f} ({len(later)})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="../shared/data/knowedit/ZsRE-test-all.json")
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--gist-addon", default=None, help="add-on directory (default: the shipped one)")
+    args = ap.parse_args()
+    loaded = load_model()
+    model, tok = loaded.model, loaded.tokenizer
+    edits = [case.edits[0] for case in load_dataset(args.dataset, limit=args.n)]
+    targets = [encode_target(tok, e.prompt, e.target) for e in edits]
+    targets = [ids[start:] for ids, start in targets]
+    answers = [e.target for e in edits]
+    summary("base", targets, argmax_tokens(model, tok, [e.prompt for e in edits], answers))
+    in_context = [statement(e.prompt, e.target) + "\n" + e.prompt for e in edits]
+    summary("fact in the prompt", targets, argmax_tokens(model, tok, in_context, answers))
+    memory = GistMemory.open(model, tok, loaded.name, args.gist_addon)
+    predictions = []
+    for i, e in enumerate(edits):
+        memory.add([i], [statement(e.prompt, e.target)], subjects=[e.subject], prompts=[e.prompt])
+        with memory.reading():
+            predictions += argmax_tokens(model, tok, [e.prompt], [e.target])
+        memory.remove(i)
+    memory.close()
+    summary("gist, fact alone", targets, predictions)
+    lengths = [len(t) for t in targets]
+    print(f"answer tokens: mean {sum(lengths) / len(lengths):.2f}, one token in {lengths.count(1)} of {len(lengths)}")
+
+
+if __name__ == "__main__":
+    main()
