@@ -17,11 +17,11 @@ from editors.incomes.memory import GistMemory  # noqa: E402
 from editors.model import load_model  # noqa: E402
 from evaluation.datasets import load_dataset  # noqa: E402
 from evaluation.methods import statement  # noqa: E402
-from evaluation.metrics import argmax_tokens, encode_target  # noqa: E402
+from evaluation.metrics import argmax_tokens, encode_target, token_accuracy  # noqa: E402
 
 
 def summary(name: str, targets: list[list[int]], predictions: list[list[int]]) -> None:
-    per_case = [sum(t == p for t, p in zip(tgt, pred)) / len(tgt) for tgt, pred in zip(targets, predictions)]
+    per_case = [token_accuracy(pred, tgt) for tgt, pred in zip(targets, predictions)]
     first = [tgt[0] == pred[0] for tgt, pred in zip(targets, predictions)]
     later = [t == p for tgt, pred in zip(targets, predictions) for t, p in zip(tgt[1:], pred[1:])]
     print(f"{name:18s} edit success {sum(per_case) / len(per_case):.3f} | first token {sum(first) / len(first):.3f}"

@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from editors.incomes.questions import relation_questions  # noqa: E402
-from editors.incomes.relation_gate import relation_text  # noqa: E402
+from editors.incomes.relation_gate import is_question, relation_text  # noqa: E402
 from editors.incomes.traindata import TRAIN_FILES, _relation_probes, load_train_facts  # noqa: E402
 from memory.embeddings import default_embedder  # noqa: E402
 
@@ -44,6 +44,13 @@ def pairs(facts, rng: random.Random) -> tuple[list, list]:
     return same, other
 
 
+def paraphrase_pairs(facts) -> list:
+    """Each fact's relation text against each of its paraphrase prompts that names the subject (counterfact-edit's
+    are noisy: "Category:Nigerian traditional states X works as")."""
+    return [(relation_text(f.edit.prompt, f.subject), relation_text(p.prompt, f.subject))
+            for f in facts for p in f.paraphrases if f.subject.lower() in p.prompt.lower()]
+
+
 def cosines(embedder, pairs_: list) -> np.ndarray:
     a = embedder.embed([p[0] for p in pairs_])
     b = embedder.embed([p[1] for p in pairs_])
@@ -62,8 +69,7 @@ def main() -> None:
     same, other = pairs(facts[:args.facts], rng)
     counterfact = [f for f in load_train_facts(args.data_root, TRAIN_FILES[:1]) if f.subject]
     rng.shuffle(counterfact)
-    noisy = [(relation_text(f.edit.prompt, f.subject), relation_text(p.prompt, f.subject))
-             for f in counterfact[:1000] for p in f.paraphrases if f.subject.lower() in p.prompt.lower()]
+    noisy = paraphrase_pairs(counterfact[:1000])
     embedder = default_embedder()
     keep, block, cf = cosines(embedder, same), cosines(embedder, other), cosines(embedder, noisy)
     auc = float((keep[:, None] > block[None, :]).mean())
@@ -74,8 +80,8 @@ def main() -> None:
               f"({(cf >= threshold).mean():.3f} of counterfact-edit's paraphrases), "
               f"blocks {(block < threshold).mean():.3f} of other-relation pairs")
     # facts written as a question (the gate's question_threshold): the pairs whose fact side is a question
-    asks_same = np.array([p[0].endswith("?") for p in same])
-    asks_other = np.array([p[0].endswith("?") for p in other])
+    asks_same = np.array([is_question(p[0]) for p in same])
+    asks_other = np.array([is_question(p[0]) for p in other])
     print(f"facts written as a question: {asks_same.sum()} same-relation, {asks_other.sum()} other-relation pairs")
     for threshold in (0.4, 0.45, 0.5, 0.55, 0.6):
         print(f"threshold {threshold:.2f}: keeps {(keep[asks_same] >= threshold).mean():.3f}, "

@@ -22,11 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from relation_gate_calibration import pairs  # noqa: E402
+from relation_gate_calibration import pairs, paraphrase_pairs  # noqa: E402
 
-from editors.incomes.relation_classifier import DEFAULT_DIR, RelationClassifier, is_question, pair_features  # noqa: E402
-from editors.incomes.relation_gate import (DEFAULT_QUESTION_THRESHOLD, DEFAULT_THRESHOLD,  # noqa: E402
-                                           relation_text)
+from editors.incomes.relation_classifier import DEFAULT_DIR, RelationClassifier, pair_features  # noqa: E402
+from editors.incomes.relation_gate import DEFAULT_QUESTION_THRESHOLD, DEFAULT_THRESHOLD, is_question  # noqa: E402
 from editors.incomes.traindata import TRAIN_FILES, load_train_facts  # noqa: E402
 from memory.embeddings import default_embedder  # noqa: E402
 
@@ -39,8 +38,7 @@ def labelled_pairs(data_root: str, n_facts: int, rng: random.Random) -> list[tup
     rng.shuffle(facts)
     same, other = pairs(facts[:n_facts], rng)
     counterfact = [f for f in load_train_facts(data_root, TRAIN_FILES[:1]) if f.subject]
-    noisy = [(relation_text(f.edit.prompt, f.subject), relation_text(p.prompt, f.subject))
-             for f in counterfact for p in f.paraphrases if f.subject.lower() in p.prompt.lower()]
+    noisy = paraphrase_pairs(counterfact)
     return ([(a, b, 1, False) for a, b in same] + [(a, b, 0, False) for a, b in other]
             + [(a, b, 1, True) for a, b in noisy])
 

@@ -18,14 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from editors.incomes.relation_gate import is_question
 from memory.errors import ConfigError
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "addons" / "relation-gate"
 WEIGHTS_FILE, CONFIG_FILE = "relation_gate.safetensors", "relation_gate.json"
-
-
-def is_question(text: str) -> bool:
-    return text.rstrip().endswith("?")
 
 
 def pair_features(relation_vectors: np.ndarray, query_vectors: np.ndarray, relation_is_question: np.ndarray,

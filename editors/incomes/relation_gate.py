@@ -40,6 +40,11 @@ _BOUNDARY = re.compile(r"(?<=[.!?])\s+|\n")
 _CACHE_SIZE = 4096
 
 
+def is_question(relation: str) -> bool:
+    """A fact written as a question gets the question threshold (cosine or learned)."""
+    return relation.rstrip().endswith("?")
+
+
 def relation_text(text: str, subject: str | None) -> str:
     """The sentence of `text` that names `subject`, with the subject written as "X" (the text as it is if
     the subject is not in it)."""
@@ -109,7 +114,7 @@ class RelationGate:
 
     def threshold_for(self, relation: str) -> float:
         """The threshold for a fact with this relation text: its own for a question, the shared one else."""
-        return self.question_threshold if relation.rstrip().endswith("?") else self.threshold
+        return self.question_threshold if is_question(relation) else self.threshold
 
     def query_text(self, seq: list[int], anchors: Sequence[str]) -> str:
         """The query's sentence around its last mention of the subject (anchors: id strings, hooks.id_string)."""
