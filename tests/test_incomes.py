@@ -61,7 +61,7 @@ def test_empty_pool_is_bit_identical_and_keys_unchanged(arch):
     model = BUILDERS[arch]()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     base = model(IDS).logits
-    addon = attached(model, adapter_rank=4, zero_key_init_std=0.1, gate_init=1.0)
+    addon = attached(model, adapter_rank=4, zero_key_init_std=0.1, gate_init=1.0, read_rank=3)
     assert list(model.state_dict()) == list(before)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert torch.equal(model(IDS).logits, base)  # attached, no pool
@@ -259,6 +259,30 @@ def test_addon_trains_and_round_trips(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), addon.state_dict().values()))
     with pytest.raises(ConfigError):
         GistAddon.load(tmp_path / "addon", tiny_llama(vocab_size=VOCAB, layers=6))
+
+
+def test_growing_a_query_conditioned_read_keeps_outputs_then_trains(tmp_path):
+    model = tiny_llama(vocab_size=VOCAB).requires_grad_(False)
+    addon = attached(model, adapter_rank=2, gate_init=1.0)
+    gists = compress_ids(model, addon, FACTS)
+    with addon.use(gists):
+        before = model(IDS).logits
+    addon.detach()
+    grown = addon.with_read_rank(3)
+    grown.attach(model, GIST_ID)
+    assert grown.config.read_rank == 3 and grown.branches["3"].read is not None
+    with grown.use(gists):
+        assert torch.equal(model(IDS).logits, before)  # the new read starts at zero: same outputs
+        model(IDS).logits.square().mean().backward()
+    assert grown.branches["3"].read.out.weight.grad.abs().sum() > 0  # and it trains
+    with torch.no_grad():
+        grown.branches["3"].read.out.weight.normal_()
+    with grown.use(gists):
+        assert not torch.allclose(model(IDS).logits, before)
+    grown.save(tmp_path / "grown")
+    assert GistAddon.load(tmp_path / "grown", model).config.read_rank == 3
+    with pytest.raises(ConfigError, match="already has a read"):
+        grown.with_read_rank(3)
 
 
 def test_config_validates():

@@ -252,6 +252,25 @@ def test_chunk_sampler_shrinks_small_pools_and_fills_to_the_last_fact():
     assert {len(raised.step(s, facts).relevant) for s in range(30)} == {8}
 
 
+def test_chunk_sampler_draws_long_answer_facts_at_their_share():
+    from editors.incomes.traindata import ChunkSampler
+    from memory.errors import ConfigError
+
+    facts = _synthetic_facts(200)
+    long_answer = [i < 20 for i in range(200)]  # a tenth of the facts
+    sampler = ChunkSampler(200, 8, (8,), (1.0,), long_answer=long_answer, long_share=0.5)
+    drawn = [i for s in range(200) for i in sampler.step(s, facts).relevant]
+    share = sum(i < 20 for i in drawn) / len(drawn)
+    assert 0.45 < share < 0.55  # drawn at the asked share, not at their tenth
+    assert all(len(set(sampler.step(s, facts).relevant)) == 8 for s in range(20))  # no fact twice in a pool
+    assert sampler.step(3, facts) == sampler.step(3, facts)  # deterministic per step (resumable)
+    plain = ChunkSampler(200, 8, (8,), (1.0,))
+    plain_drawn = [i for s in range(200) for i in plain.step(s, facts).relevant]
+    assert sum(i < 20 for i in plain_drawn) / len(plain_drawn) < 0.15
+    with pytest.raises(ConfigError, match="long-answer"):
+        ChunkSampler(200, 8, (8,), (1.0,), long_answer=[i < 4 for i in range(200)], long_share=0.5)
+
+
 def test_train_skips_a_step_that_runs_out_of_memory(tmp_path, one_thread, monkeypatch):
     import json
 

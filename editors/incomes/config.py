@@ -30,6 +30,10 @@ class GistConfig:
     compress_targets: attention projections that get a compression-pass LoRA.
     zero_key_init_std: std of the learnable zero-gist keys at init (0 = zeros).
     gate_init: None = no gate; else a learnable per-head gate on the gist output, starting here.
+    read_rank: rank of the query-conditioned read (0 = off). One gist's read is otherwise the same vector at
+        every position, scaled per head; this adds `B(A_g(g) * A_h(h))` (g the read, h the reading
+        position's hidden state), so a gist can give each position of a multi-token answer its own token.
+        It lives in the gist branch only: no memory per fact, and an empty pool still skips the branch.
     """
 
     gist_token: str = "<GIST>"
@@ -41,6 +45,7 @@ class GistConfig:
     compress_targets: tuple[str, ...] = ATTENTION_PROJECTIONS
     zero_key_init_std: float = 0.0
     gate_init: float | None = None
+    read_rank: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.gist_token, str) or not self.gist_token.strip():
@@ -55,6 +60,7 @@ class GistConfig:
         _check_number("temperature", self.temperature, low=0.0, inclusive=False)
         _check_int("temperature_min_gists", self.temperature_min_gists, low=0)
         _check_int("adapter_rank", self.adapter_rank, low=0)
+        _check_int("read_rank", self.read_rank, low=0)
         _check_number("adapter_alpha", self.adapter_alpha, low=0.0, inclusive=False)
         _check_number("zero_key_init_std", self.zero_key_init_std, low=0.0)
         if self.gate_init is not None:

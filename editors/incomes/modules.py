@@ -8,7 +8,10 @@ For one upper layer, with h the attention's input and y the self-attention outpu
     K   = [zero_key; gist keys]  (pre-RoPE, GQA-expanded)  [N+1, H, D]
     V   = [0;        gist values]                          [N+1, H, D]
     g   = softmax(q K^T * scaling / T) V                   [B, H, T, D]   its own softmax
-    y'  = y + read * (g + lora_out(g))                     [B, T, H*D]    then the layer's o_proj
+    y'  = y + read * (g + lora_out(g) + R(g, h))           [B, T, H*D]    then the layer's o_proj
+
+R(g, h) = B(A_g(g) * A_h(h)) is the query-conditioned read (GistConfig.read_rank; absent at 0): with one
+gist, g is the same vector at every position up to a scale per head, and R lets the position choose.
 
 The add-on never replaces a base module: it is attached with forward hooks (hooks.py), so the base
 state-dict keys and tensors stay exactly as they were, and an empty pool skips the branch entirely.
@@ -23,6 +26,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -66,6 +70,20 @@ class LoRA(nn.Module):
         return self.B(self.A(x)) * self.scale  # [..., d_in] -> [..., d_out]
 
 
+class QueryConditionedRead(nn.Module):
+    """(g, h) -> B(A_g(g) * A_h(h)): the gist read modulated by the reading position. B starts at zero."""
+
+    def __init__(self, width: int, hidden: int, rank: int):
+        super().__init__()
+        self.from_gist = nn.Linear(width, rank, bias=False)
+        self.from_query = nn.Linear(hidden, rank, bias=False)
+        self.out = nn.Linear(rank, width, bias=False)
+        nn.init.zeros_(self.out.weight)
+
+    def forward(self, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self.out(self.from_gist(g) * self.from_query(h))  # [B, T, width]
+
+
 class GistAttention(nn.Module):
     """The gist branch of one upper layer. It borrows q_proj / q_norm / RoPE / scaling from the base
     attention passed to forward(), and owns only the zero-gist key, an optional gate and adapters."""
@@ -79,6 +97,7 @@ class GistAttention(nn.Module):
         self.lora_out = LoRA(width, width, r, alpha) if r else None
         self.gate = nn.Parameter(torch.full((dims.n_heads,), float(config.gate_init))) \
             if config.gate_init is not None else None
+        self.read = QueryConditionedRead(width, dims.hidden, config.read_rank) if config.read_rank else None
 
     def queries(self, attn: nn.Module, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """The layer's own queries, as its self-attention makes them (+ the branch's LoRA)."""
@@ -113,8 +132,12 @@ class GistAttention(nn.Module):
         if self.gate is not None:
             g = g * self.gate.to(g.dtype)[None, :, None, None]  # [B, H, T, D]
         g = g.transpose(1, 2).reshape(B, T, H * D)  # [B, T, H*D], head-major like self-attention
-        if self.lora_out is not None:
-            g = g + self.lora_out(g)  # [B, T, H*D]
+        extra = self.lora_out(g) if self.lora_out is not None else None  # [B, T, H*D]
+        if self.read is not None:
+            conditioned = self.read(g, h)  # [B, T, H*D]
+            extra = conditioned if extra is None else extra + conditioned
+        if extra is not None:
+            g = g + extra
         if read is not None:
             g = g * read[..., None].to(g.dtype)  # [B, T, H*D], zero at and before a <GIST>
         return y + g  # [B, T, H*D]
@@ -257,3 +280,17 @@ class GistAddon(nn.Module):
             addon.to(device=weight.device, dtype=weight.dtype)
         addon.load_state_dict(tensors)
         return addon
+
+    def with_read_rank(self, rank: int) -> GistAddon:
+        """A copy with a query-conditioned read of `rank` added (a warm start that grows the branch): every
+        trained weight is kept, and the new read starts at zero, so the copy computes what this add-on does."""
+        if self.config.read_rank:
+            raise ConfigError(f"this add-on already has a read of rank {self.config.read_rank}")
+        grown = type(self)(replace(self.config, read_rank=rank), self.dims)
+        weight = self.gist_embedding
+        grown.to(device=weight.device, dtype=weight.dtype)
+        missing, unexpected = grown.load_state_dict(self.state_dict(), strict=False)
+        if unexpected or any(".read." not in key for key in missing):
+            raise ConfigError(f"cannot grow this add-on: missing {missing}, unexpected {unexpected}")
+        grown.train(self.training)
+        return grown

@@ -145,6 +145,9 @@ def train(model, tokenizer, facts, cfg: TrainConfig, gist_cfg: GistConfig, run_d
             log.warning("resuming with the checkpoint's gist config %s, not %s", addon.config, gist_cfg)
     elif init_addon:  # warm start: a trained add-on's weights, a fresh optimiser and schedule
         addon = GistAddon.load(init_addon, model).to(dtype=master)
+        if gist_cfg.read_rank and gist_cfg.read_rank != addon.config.read_rank:
+            addon = addon.with_read_rank(gist_cfg.read_rank)
+            log.info("the warm start grows a query-conditioned read of rank %d", gist_cfg.read_rank)
         opt, start = factory(addon), 0
         log.info("starting from the add-on in %s", init_addon)
     else:
@@ -154,8 +157,14 @@ def train(model, tokenizer, facts, cfg: TrainConfig, gist_cfg: GistConfig, run_d
     tokens = Tokens(tokenizer)
     texts = [f.text for f in facts] + ([f.text + "." for f in facts] if cfg.period_prob else [])
     tokens.warm(texts, [q for f in facts for q in (f.edit, *f.paraphrases, *f.locality)])
+    long_answer = [len(ids) - start >= 2 for ids, start in (tokens.query(f.edit.prompt, f.edit.answer)
+                                                            for f in train_facts)] if cfg.long_answers else None
+    if long_answer:
+        log.info("long answers: %d of %d train facts; drawn as %.0f%% of queries", sum(long_answer),
+                 len(long_answer), 100 * cfg.long_answers)
     sampler = ChunkSampler(len(train_facts), cfg.batch_size, cfg.chunk_sizes, cfg.chunk_probs,
-                           cfg.locality_prob, cfg.paraphrase_prob, cfg.seed, cfg.curriculum, cfg.shrink_batch)
+                           cfg.locality_prob, cfg.paraphrase_prob, cfg.seed, cfg.curriculum, cfg.shrink_batch,
+                           long_answer, cfg.long_answers)
     bank = DistractorBank(train_facts, cfg.bank_size, cfg.bank_refresh, cfg.seed) if cfg.bank_size else None
     n_params = sum(p.numel() for p in addon.parameters())
     log.info("add-on: %d parameters (%.1f MB float32); %d train facts, %d held out; device %s, amp %s",
@@ -326,6 +335,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="per-head gate on the gist output; 0 starts exactly at the base model (PEFT-style); "
                         "pass nan for no gate (the paper's ungated branch)")
     p.add_argument("--zero-key-init-std", type=float, default=0.0)
+    p.add_argument("--read-rank", type=int, default=0,
+                   help="rank of the query-conditioned gist read (0: none); a warm start grows one")
     p.add_argument("--log-level", default="INFO")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -359,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig(**values)
         gate = None if args.gate_init != args.gate_init else args.gate_init  # nan -> no gate
         gist_cfg = GistConfig(adapter_rank=args.adapter_rank, adapter_alpha=args.adapter_alpha, gate_init=gate,
-                              zero_key_init_std=args.zero_key_init_std)
+                              zero_key_init_std=args.zero_key_init_std, read_rank=args.read_rank)
         facts = load_train_facts(args.data_root)[: args.max_facts]
         loaded = load_model(args.model, args.device)
         if loaded.device.type == "cuda":

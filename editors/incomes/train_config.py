@@ -24,7 +24,7 @@ class TrainConfig:
     steps: int = 1000  # with time_budget: an upper bound only
     batch_size: int = 8  # queried facts per step (all in the pool)
     lr: float = 1e-3
-    fast_lr_mult: float = 5.0  # lr multiplier of the per-head gates, zero-gist keys and gist embedding
+    fast_lr_mult: float = 5.0  # lr multiplier of the gates, zero-gist keys, gist embedding, query-conditioned read
     warmup: int = 50
     min_lr_ratio: float = 0.1  # cosine decay to lr * this at the end (of the steps, or of the time budget)
     grad_clip: float = 1.0
@@ -40,6 +40,7 @@ class TrainConfig:
     period_prob: float = 0.3  # chance that a fact is written with a final period
     question_twins: float = 0.0  # fraction of train facts also given as "question? answer" (ZsRE's form)
     rare_answers: float = 0.0  # fraction of train facts also given with a made-up answer (copying, as ZsRE needs)
+    long_answers: float = 0.0  # share of queried facts drawn from those whose answer has 2+ tokens (0: as they come)
     subject_locality: int = 0  # generated locality queries per train fact that ask its subject another relation
     after_answer: bool = False  # KL also at the position after each query's answer (what follows it)
     after_answer_weight: float = 1.0  # multiplies the KL at that position (greedy text after the answer)
@@ -71,7 +72,7 @@ class TrainConfig:
         if not (self.lr > 0 and self.fast_lr_mult > 0 and 0 <= self.min_lr_ratio <= 1 and self.grad_clip > 0):
             raise ConfigError("lr, fast_lr_mult and grad_clip must be > 0 and min_lr_ratio in [0, 1]")
         for name in ("locality_prob", "paraphrase_prob", "period_prob", "curriculum", "question_twins",
-                     "rare_answers"):
+                     "rare_answers", "long_answers"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must lie in [0, 1]")
         if self.zero_key_init not in ZERO_KEY_INITS:
@@ -146,7 +147,8 @@ def make_optimizer(addon: GistAddon, cfg: TrainConfig | None = None) -> torch.op
     mult = cfg.fast_lr_mult if cfg is not None else 1.0
     fast, slow = [], []
     for name, param in addon.named_parameters():
-        (fast if name.split(".")[-1] in FAST_PARAMS else slow).append(param)
+        fresh_read = ".read." in name  # a query-conditioned read grown on a warm start starts from zero
+        (fast if name.split(".")[-1] in FAST_PARAMS or fresh_read else slow).append(param)
     groups = [{"params": slow, "mult": 1.0}, {"params": fast, "mult": mult}]
     cuda = all(p.is_cuda for p in addon.parameters())
     kwargs = {"fused": True} if cuda else {}

@@ -205,11 +205,17 @@ class ChunkSampler:
     a step at progress p < c (p in [0, 1] of the run) draws uniformly among the smallest
     `1 + floor(p / c * k)` of the k distinct chunk sizes: pools grow from small to large, then follow
     the paper's probabilities.
+
+    With `long_answer` (one flag per fact: its answer has two tokens or more) and `long_share` s > 0, each
+    queried fact is drawn from the long-answer facts with probability s (uniformly within its group), not in
+    proportion to how many there are. The train files' answers are mostly one token (CounterFact's), while
+    ZsRE's average 3.4: a gist must learn to carry the later tokens of an answer too.
     """
 
     def __init__(self, n_facts: int, batch_size: int, chunk_sizes=CHUNK_SIZES, chunk_probs=CHUNK_PROBS,
                  locality_prob: float = 0.25, paraphrase_prob: float = 0.5, seed: int = 0,
-                 curriculum: float = 0.0, shrink_batch: bool = False):
+                 curriculum: float = 0.0, shrink_batch: bool = False,
+                 long_answer: Sequence[bool] | None = None, long_share: float = 0.0):
         if len(chunk_sizes) != len(chunk_probs) or abs(sum(chunk_probs) - 1) > 1e-6:
             raise ConfigError("chunk_sizes and chunk_probs must pair up and the probabilities sum to 1")
         if n_facts < max(chunk_sizes) or n_facts < batch_size:
@@ -221,6 +227,17 @@ class ChunkSampler:
         self.locality_prob, self.paraphrase_prob = locality_prob, paraphrase_prob
         self.curriculum, self.shrink = curriculum, shrink_batch
         self.ladder = sorted({self._effective(s) for s in self.sizes})  # distinct effective sizes
+        self.long_share = long_share
+        self.groups: tuple[list[int], list[int]] | None = None
+        if long_share > 0:
+            if long_answer is None or len(long_answer) != n_facts:
+                raise ConfigError("long_share needs one long_answer flag per fact")
+            long = [i for i, flag in enumerate(long_answer) if flag]
+            short = [i for i, flag in enumerate(long_answer) if not flag]
+            if len(long) < batch_size or len(short) < batch_size:
+                raise ConfigError(f"{len(long)} long-answer and {len(short)} other facts: too few to draw "
+                                  f"{batch_size} of either")
+            self.groups = (long, short)
 
     def _effective(self, size: int) -> int:
         return size if self.shrink else max(size, self.batch_size)
@@ -235,7 +252,7 @@ class ChunkSampler:
              progress: float | None = None) -> Step:
         rng = random.Random(self.seed * 1_000_003 + step)
         chunk = self.chunk_size(rng, progress)
-        relevant = rng.sample(range(self.n), min(self.batch_size, chunk))
+        relevant = self._relevant(rng, min(self.batch_size, chunk))
         taken, need = set(relevant), chunk - len(relevant)
         if bank is not None:
             pool_from = [i for i in bank if i not in taken]
@@ -248,6 +265,13 @@ class ChunkSampler:
                     taken.add(i)
                     distractors.append(i)
         return Step(relevant, distractors, [self._query(facts[i], rng) for i in relevant])
+
+    def _relevant(self, rng: random.Random, k: int) -> list[int]:
+        if self.groups is None:
+            return rng.sample(range(self.n), k)
+        n_long = sum(rng.random() < self.long_share for _ in range(k))
+        long, short = self.groups
+        return rng.sample(long, n_long) + rng.sample(short, k - n_long)
 
     def _query(self, fact: TrainFact, rng: random.Random) -> Query:
         if fact.locality and rng.random() < self.locality_prob:
