@@ -382,11 +382,24 @@ def test_heldout_check_scores_locality_on_the_facts_own_subject(one_thread):
     facts = _synthetic_facts(6)
     check = heldout_check(model, tiny_tokenizer(), addon, facts)
     assert check["locality"] == 1.0 and "subject_locality" not in check  # no fact asks its own subject
+    assert 0.0 <= check["later_tokens"] <= 1.0  # " TownN": five answer tokens after the first
     own = [replace(f, subject=f"Person{i}", locality=f.locality + (Query(f"The age of Person{i} is", "9", "locality"),))
            for i, f in enumerate(facts[:4])]
     check = heldout_check(model, tiny_tokenizer(), addon, own + facts[4:])
     assert check["subject_locality"] == 1.0 and check["n_facts"] == 6
     addon.detach()
+
+
+def test_later_answer_tokens_are_the_answer_tokens_after_each_querys_first():
+    from editors.incomes.objective import _later_answer_tokens, encode
+    from editors.incomes.traindata import Query
+
+    queries = [Query("Ann lives in", "Rome", "edit"), Query("Bo is", "x", "edit"), Query("Cy eats", "figs", "edit")]
+    enc = encode(tiny_tokenizer(), queries, None, "cpu")  # one token per character: " Rome" is 5 answer tokens
+    later = _later_answer_tokens(enc)
+    per_query = [int(later[enc.query_of == i].sum()) for i in range(3)]
+    assert per_query == [4, 1, 4]  # " x" is two tokens: its "x" is the only later one
+    assert not (later & ~enc.answer).any()
 
 
 def test_rare_answer_twins_give_a_made_up_answer_to_every_query_of_the_fact():

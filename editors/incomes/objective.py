@@ -218,10 +218,19 @@ def _token_hits(hits: torch.Tensor, enc: Encoded, n_queries: int) -> torch.Tenso
     return (per_query / counts.clamp(min=1)).sum()
 
 
+def _later_answer_tokens(enc: Encoded) -> torch.Tensor:
+    """[P] bool: answer tokens after a query's first one (multi-token answers only)."""
+    previous = torch.roll(enc.answer, 1) & (torch.roll(enc.query_of, 1) == enc.query_of)  # [P]
+    previous[0] = False
+    return enc.answer & previous
+
+
 def _score(model, tokens, addon, gists, queries: Sequence[Query], locality: bool, batch_size: int):
-    """(with-pool score, base score) summed over queries; locality = agreement with the base argmax."""
+    """(with-pool score, base score, later-token hits, later-token count), the scores summed over queries;
+    locality = agreement with the base argmax. The later tokens are counted one by one over all queries."""
     device = addon.gist_embedding.device
     total, total_base = torch.zeros((), device=device), torch.zeros((), device=device)
+    later_hits, later_n = torch.zeros((), device=device), torch.zeros((), device=device)
     for start in range(0, len(queries), batch_size):
         chunk = queries[start:start + batch_size]
         enc = encode(tokens, chunk, None, device)
@@ -229,9 +238,13 @@ def _score(model, tokens, addon, gists, queries: Sequence[Query], locality: bool
             pred = _logits_at(model, enc.student_ids, enc.student_mask, enc.s_rows, enc.s_cols).argmax(-1)  # [P]
         with addon.use(None):
             base = _logits_at(model, enc.student_ids, enc.student_mask, enc.s_rows, enc.s_cols).argmax(-1)  # [P]
-        total += _token_hits(pred == (base if locality else enc.targets), enc, len(chunk))
+        hits = pred == (base if locality else enc.targets)  # [P]
+        total += _token_hits(hits, enc, len(chunk))
         total_base += _token_hits(base == enc.targets, enc, len(chunk))
-    return total, total_base
+        later = _later_answer_tokens(enc)  # [P]
+        later_hits += (hits & later).sum()
+        later_n += later.sum()
+    return total, total_base, later_hits, later_n
 
 
 def _own_subject_probes(fact: TrainFact) -> list[Query]:
@@ -255,6 +268,7 @@ def heldout_check(model, tokenizer, addon, facts: Sequence[TrainFact], batch_siz
     addon.eval()
     sums = {k: 0.0 for k in ("edit_success", "edit_success_base", "rephrase", "rephrase_base", "locality",
                              "subject_locality")}
+    later = [0.0, 0.0]  # edit queries: answer tokens after the first that the pool gets right, and their count
     counts = {"edit_success": 0, "rephrase": 0, "locality": 0, "subject_locality": 0}
     try:
         for first in range(0, len(facts), pool_size):
@@ -269,7 +283,10 @@ def heldout_check(model, tokenizer, addon, facts: Sequence[TrainFact], batch_siz
                 if not queries:
                     continue
                 locality = name.endswith("locality")
-                score, base = _score(model, tokens, addon, gists, queries, locality, batch_size)
+                score, base, later_hits, later_n = _score(model, tokens, addon, gists, queries, locality,
+                                                          batch_size)
+                if name == "edit_success":
+                    later[0], later[1] = later[0] + float(later_hits), later[1] + float(later_n)
                 sums[name] += float(score)
                 counts[name] += len(queries)
                 if not locality:
@@ -277,6 +294,8 @@ def heldout_check(model, tokenizer, addon, facts: Sequence[TrainFact], batch_siz
     finally:
         addon.train(was_training)
     out: dict = {"n_gists": min(pool_size, len(facts)), "n_facts": len(facts)}
+    if later[1]:
+        out["later_tokens"] = later[0] / later[1]  # the edit prompts' answer tokens after the first
     for name, n in counts.items():
         if n:
             out[name] = sums[name] / n

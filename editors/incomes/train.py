@@ -109,7 +109,7 @@ def _score(check: dict) -> float:
 
 def _summary(step: int, seconds: float, check: dict, label: str = "check") -> str:
     parts = [f"{label} step {step} t={seconds:.0f}s gists={check.get('n_gists')}"]
-    for name in ("edit_success", "rephrase", "locality", "subject_locality"):
+    for name in ("edit_success", "later_tokens", "rephrase", "locality", "subject_locality"):
         if name in check:
             base = f" (base {check[name + '_base']:.3f})" if name + "_base" in check else ""
             parts.append(f"{name} {check[name]:.3f}{base}")
