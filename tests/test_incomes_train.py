@@ -402,6 +402,29 @@ def test_later_answer_tokens_are_the_answer_tokens_after_each_querys_first():
     assert not (later & ~enc.answer).any()
 
 
+def test_continuations_are_scored_after_the_answer_as_kl_only_positions():
+    import random
+
+    from editors.incomes.objective import Tokens, encode
+    from editors.incomes.train import continuations
+    from editors.incomes.traindata import Query
+
+    tokens = Tokens(tiny_tokenizer())
+    queries = [Query("Ann lives in", "Rome", "edit"), Query("Bo is", "x", "edit")]
+    plain = encode(tokens, queries, ["Ann lives in Rome", "Bo is x"], "cpu")
+    more = encode(tokens, queries, ["Ann lives in Rome", "Bo is x"], "cpu", continuations=[[5, 6, 7], []])
+    assert more.targets.numel() == plain.targets.numel() + 3  # three more scored positions, all in query 0
+    assert torch.equal(more.answer[:plain.answer.numel()][plain.query_of == 0], plain.answer[plain.query_of == 0])
+    tail = more.query_of == 0
+    assert more.after[tail].tolist()[-3:] == [True] * 3 and not more.answer[tail][-3:].any()
+    assert more.targets[tail][-3:].tolist() == [5, 6, 7]
+    assert not more.after[more.query_of == 1].any()
+    facts = _synthetic_facts(5)
+    drawn = continuations(tokens, facts, 200, random.Random(0), 0.5)
+    assert 60 < sum(bool(c) for c in drawn) < 140 and continuations(tokens, facts, 3, random.Random(0), 0.0) is None
+    assert all(tokens.tokenizer.decode(c).startswith("\nPerson") for c in drawn if c)
+
+
 def test_rare_answer_twins_give_a_made_up_answer_to_every_query_of_the_fact():
     import random
 

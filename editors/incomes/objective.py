@@ -90,15 +90,17 @@ class Encoded:
     teacher_ids: torch.Tensor | None = None  # [B, Tt] right-padded [fact, "\n", query]
     teacher_mask: torch.Tensor | None = None
     t_cols: torch.Tensor | None = None  # [P]
-    after: torch.Tensor | None = None  # [P] bool: the position after a query's answer (after_answer)
+    after: torch.Tensor | None = None  # [P] bool: a position after a query's answer (continuation, after_answer)
 
 
 def encode(tokens, queries: Sequence[Query], fact_texts: Sequence[str] | None, device,
-           after_answer: bool = False) -> Encoded:
+           after_answer: bool = False, continuations: Sequence[Sequence[int]] | None = None) -> Encoded:
     """Token ids for student (and teacher, when fact_texts is given), with aligned scored positions.
     `tokens` is a `Tokens` (or a tokenizer, wrapped in a fresh one). With `after_answer`, each query also
     scores the position after its last token (no target: KL only), so the student learns from the teacher
-    what follows the answer, not only the answer (greedy text otherwise repeats the gist's answer)."""
+    what follows the answer, not only the answer (greedy text otherwise repeats the gist's answer).
+    `continuations` (token ids per query, may be empty) go on after the answer and are scored too, as
+    positions after the answer (KL only): the student learns to stop reading the answer into later text."""
     if not isinstance(tokens, Tokens):
         tokens = Tokens(tokens)
     n_prefix = len(tokens.prefix)
@@ -106,6 +108,9 @@ def encode(tokens, queries: Sequence[Query], fact_texts: Sequence[str] | None, d
     rows, s_cols, t_cols, tgt, ans, fact, after = [], [], [], [], [], [], []
     for b, q in enumerate(queries):
         ids, start = tokens.query(q.prompt, q.answer)
+        answer_end = len(ids)
+        if continuations is not None and continuations[b]:
+            ids = ids + list(continuations[b])
         students.append(ids)
         head = (tokens.text(fact_texts[b]) + tokens.newline) if fact_texts is not None else []
         teachers.append(head + ids[n_prefix:])
@@ -116,8 +121,8 @@ def encode(tokens, queries: Sequence[Query], fact_texts: Sequence[str] | None, d
         s_cols += range(first - 1, len(ids) - 1)
         t_cols += range(first - 1 + shift, len(ids) - 1 + shift)
         tgt += ids[first:]
-        ans += [j >= start for j in range(first, len(ids))]
-        after += [False] * n
+        ans += [start <= j < answer_end for j in range(first, len(ids))]
+        after += [j >= answer_end for j in range(first, len(ids))]
         if after_answer:  # the last token's logits: what comes after the answer (w = 0 there, not an answer)
             rows.append(b)
             s_cols.append(len(ids) - 1)

@@ -58,6 +58,16 @@ class DistractorBank:
         return self.gists
 
 
+def continuations(tokens: Tokens, facts, n: int, rng: random.Random, prob: float) -> list[list[int]] | None:
+    """Per query, with probability `prob`, a new line and another train fact's sentence (ids without the
+    tokenizer's prefix): the text a greedy continuation after the answer looks like."""
+    if prob <= 0:
+        return None
+    skip = len(tokens.prefix)
+    return [tokens.text("\n" + facts[rng.randrange(len(facts))].text)[skip:] if rng.random() < prob else []
+            for _ in range(n)]
+
+
 def train_step(model, tokens: Tokens, addon, opt, sampler, facts, step: int, cfg: TrainConfig, bank=None,
                progress: float | None = None) -> dict:
     """One optimiser step. Returns detached 0-d tensors and plain numbers (no host sync)."""
@@ -68,7 +78,8 @@ def train_step(model, tokens: Tokens, addon, opt, sampler, facts, step: int, cfg
     rel_texts = [fact_text(facts[i], rng, cfg.period_prob) for i in plan.relevant]
     ids = lambda texts: [tokens.text(t) for t in texts]  # noqa: E731
     with amp_context(device, cfg.amp):
-        enc = encode(tokens, plan.queries, rel_texts, device, after_answer=cfg.after_answer)
+        enc = encode(tokens, plan.queries, rel_texts, device, after_answer=cfg.after_answer,
+                     continuations=continuations(tokens, facts, len(plan.queries), rng, cfg.continuation_prob))
         teacher, w = teacher_targets(model, addon, enc)
         if bank is not None:
             relevant = compress_ids(model, addon, ids(rel_texts), cfg.compress_batch, grad=True, pad_id=tokens.pad)

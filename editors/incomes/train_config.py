@@ -43,6 +43,7 @@ class TrainConfig:
     long_answers: float = 0.0  # share of queried facts drawn from those whose answer has 2+ tokens (0: as they come)
     subject_locality: int = 0  # generated locality queries per train fact that ask its subject another relation
     after_answer: bool = False  # KL also at the position after each query's answer (what follows it)
+    continuation_prob: float = 0.0  # chance a query goes on past its answer with another fact's sentence (KL)
     after_answer_weight: float = 1.0  # multiplies the KL at that position (greedy text after the answer)
     holdout: int = 200  # facts of the train files never trained on, for the periodic checks
     eval_every: int = 100  # steps between held-out checks (0 = none)
@@ -72,7 +73,7 @@ class TrainConfig:
         if not (self.lr > 0 and self.fast_lr_mult > 0 and 0 <= self.min_lr_ratio <= 1 and self.grad_clip > 0):
             raise ConfigError("lr, fast_lr_mult and grad_clip must be > 0 and min_lr_ratio in [0, 1]")
         for name in ("locality_prob", "paraphrase_prob", "period_prob", "curriculum", "question_twins",
-                     "rare_answers", "long_answers"):
+                     "rare_answers", "long_answers", "continuation_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"{name} must lie in [0, 1]")
         if self.zero_key_init not in ZERO_KEY_INITS:
