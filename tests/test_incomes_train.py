@@ -293,6 +293,31 @@ def test_train_skips_a_step_that_runs_out_of_memory(tmp_path, one_thread, monkey
     assert [r["step"] for r in lines if "loss" in r] == [1, 3] and {"step": 2, "oom": True} in lines
 
 
+def test_data_seed_changes_the_draws_and_keeps_the_holdout(tmp_path, one_thread, monkeypatch):
+    from editors.incomes import train as train_module
+
+    seen = {}
+
+    class Spy(train_module.ChunkSampler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["seed"] = self.seed
+
+    monkeypatch.setattr(train_module, "ChunkSampler", Spy)
+    real_split, held = train_module.split_holdout, []
+    monkeypatch.setattr(train_module, "split_holdout",
+                        lambda facts, n, seed: held.append(real_split(facts, n, seed)[1]) or real_split(facts, n, seed))
+    model = tiny_llama(vocab_size=VOCAB).requires_grad_(False)
+    for data_seed in (None, 5):
+        cfg = train_module.TrainConfig(steps=1, batch_size=2, chunk_sizes=(4,), chunk_probs=(1.0,), holdout=6,
+                                       eval_every=0, eval_facts=0, save_every=0, warmup=1, compress_batch=8,
+                                       seed=3, data_seed=data_seed)
+        train_module.train(model, tiny_tokenizer(), _synthetic_facts(30), cfg, GistConfig(adapter_rank=2),
+                           tmp_path / str(data_seed))
+        assert seen["seed"] == (3 if data_seed is None else 5)
+    assert held[0] == held[1]  # the same facts held out either way
+
+
 def test_question_twins_ask_the_fact_as_a_question():
     from editors.incomes.traindata import Query, TrainFact, question_of, question_twin, with_question_twins
 

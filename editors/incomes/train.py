@@ -74,7 +74,7 @@ def train_step(model, tokens: Tokens, addon, opt, sampler, facts, step: int, cfg
     addon.train()
     device = addon.gist_embedding.device
     plan = sampler.step(step, facts, bank.ids if bank else None, progress)
-    rng = random.Random(cfg.seed * 7919 + step)
+    rng = random.Random(cfg.step_seed * 7919 + step)
     rel_texts = [fact_text(facts[i], rng, cfg.period_prob) for i in plan.relevant]
     ids = lambda texts: [tokens.text(t) for t in texts]  # noqa: E731
     with amp_context(device, cfg.amp):
@@ -174,7 +174,7 @@ def train(model, tokenizer, facts, cfg: TrainConfig, gist_cfg: GistConfig, run_d
         log.info("long answers: %d of %d train facts; drawn as %.0f%% of queries", sum(long_answer),
                  len(long_answer), 100 * cfg.long_answers)
     sampler = ChunkSampler(len(train_facts), cfg.batch_size, cfg.chunk_sizes, cfg.chunk_probs,
-                           cfg.locality_prob, cfg.paraphrase_prob, cfg.seed, cfg.curriculum, cfg.shrink_batch,
+                           cfg.locality_prob, cfg.paraphrase_prob, cfg.step_seed, cfg.curriculum, cfg.shrink_batch,
                            long_answer, cfg.long_answers)
     bank = DistractorBank(train_facts, cfg.bank_size, cfg.bank_refresh, cfg.seed) if cfg.bank_size else None
     n_params = sum(p.numel() for p in addon.parameters())
@@ -359,6 +359,8 @@ def _parser() -> argparse.ArgumentParser:
         elif f.name == "zero_key_init":
             p.add_argument(flag, default=f.default, choices=ZERO_KEY_INITS,
                            help="sink: start the zero-gist keys at the base model's attention-sink key")
+        elif f.name == "data_seed":
+            p.add_argument(flag, type=int, default=None, help="seeds each step's draws (default: --seed)")
         elif isinstance(f.default, bool):
             p.add_argument(flag, type=_bool, default=f.default, help="true/false")
         else:

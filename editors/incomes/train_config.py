@@ -60,6 +60,12 @@ class TrainConfig:
     eval_batch: int = 16
     amp: str = "none"  # "bf16": autocast the forwards (the add-on keeps float32 master weights)
     seed: int = 0
+    data_seed: int | None = None  # seeds which facts each step draws (None: `seed`); the held-out split keeps `seed`
+
+    @property
+    def step_seed(self) -> int:
+        """Seeds the per-step draws: give a warm start its own, or it sees its parent's batches again."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "compress_batch", "bank_refresh", "log_every", "eval_batch"):
