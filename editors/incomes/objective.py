@@ -15,6 +15,7 @@ only the scored positions go through the LM head, in float32 (also under bf16 au
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -140,6 +141,16 @@ def encode(tokens, queries: Sequence[Query], fact_texts: Sequence[str] | None, d
         enc.teacher_ids, enc.teacher_mask = pad_rows(teachers, tokens.pad, device)
         enc.t_cols = as_t(t_cols)
     return enc
+
+
+def continuations(tokens: Tokens, facts, n: int, rng: random.Random, prob: float) -> list[list[int]] | None:
+    """Per query, with probability `prob`, a new line and another train fact's sentence (ids without the
+    tokenizer's prefix): the text a greedy continuation after the answer looks like."""
+    if prob <= 0:
+        return None
+    skip = len(tokens.prefix)
+    return [tokens.text("\n" + facts[rng.randrange(len(facts))].text)[skip:] if rng.random() < prob else []
+            for _ in range(n)]
 
 
 def _logits_at(model, ids, mask, rows, cols) -> torch.Tensor:

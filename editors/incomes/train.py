@@ -29,7 +29,7 @@ from editors.incomes.config import GistConfig
 from editors.incomes.modules import GistAddon
 from editors.incomes.train_config import (AMP_MODES, ZERO_KEY_INITS, TrainConfig, amp_context,  # noqa: F401
                                           load_checkpoint, make_optimizer, save_checkpoint)
-from editors.incomes.objective import Tokens, encode, heldout_check, student_loss, teacher_targets
+from editors.incomes.objective import Tokens, continuations, encode, heldout_check, student_loss, teacher_targets
 from editors.incomes.rare_answers import rare_answer_twins
 from editors.incomes.traindata import (ChunkSampler, fact_text, load_train_facts, split_holdout,
                                        with_question_twins, with_subject_locality)
@@ -56,16 +56,6 @@ class DistractorBank:
                                       pad_id=tokens.pad)
             self.made_at = step
         return self.gists
-
-
-def continuations(tokens: Tokens, facts, n: int, rng: random.Random, prob: float) -> list[list[int]] | None:
-    """Per query, with probability `prob`, a new line and another train fact's sentence (ids without the
-    tokenizer's prefix): the text a greedy continuation after the answer looks like."""
-    if prob <= 0:
-        return None
-    skip = len(tokens.prefix)
-    return [tokens.text("\n" + facts[rng.randrange(len(facts))].text)[skip:] if rng.random() < prob else []
-            for _ in range(n)]
 
 
 def train_step(model, tokens: Tokens, addon, opt, sampler, facts, step: int, cfg: TrainConfig, bank=None,
