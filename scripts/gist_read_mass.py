@@ -8,7 +8,6 @@ pool, both gates on).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -16,47 +15,39 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gist_token_positions import each_fact_alone, probe_arguments  # noqa: E402
+
 from editors.incomes import modules  # noqa: E402
 from editors.incomes.memory import GistMemory  # noqa: E402
 from editors.model import load_model  # noqa: E402
 from evaluation.datasets import load_dataset  # noqa: E402
-from evaluation.methods import statement  # noqa: E402
 from evaluation.metrics import encode_target  # noqa: E402
 
 MASSES: list[torch.Tensor] = []  # per upper layer: [T] gist mass of the one sequence read
 
 
-def recording(forward):
-    """GistAttention.forward that also records the read mass (the output is the original's)."""
-    def wrapped(self, attn, h, cos_sin, y, keys, values, read, temperature, visible=None):
-        q = self.queries(attn, h, cos_sin)  # [1, H, T, D]
-        heads = self.n_heads // self.n_kv_heads
-        k = torch.cat([self.zero_key[None].to(keys.dtype), keys], dim=0).repeat_interleave(heads, dim=1)
-        att = torch.einsum("bhtd,nhd->bhtn", q, k) * (attn.scaling / temperature)  # [1, H, T, N+1]
-        MASSES.append(att.softmax(dim=-1)[..., 1:].sum(-1).mean(1)[0])  # [T]
-        return forward(self, attn, h, cos_sin, y, keys, values, read, temperature, visible)
+def recording(attention):
+    """GistAttention.attention that also records the read mass (its output unchanged)."""
+    def wrapped(self, *args, **kwargs):
+        att = attention(self, *args, **kwargs)  # [1, H, T, N+1]
+        MASSES.append(att[..., 1:].float().sum(-1).mean(1)[0])  # [T]
+        return att
     return wrapped
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset", default="../shared/data/knowedit/ZsRE-test-all.json")
-    ap.add_argument("--n", type=int, default=40)
-    ap.add_argument("--gist-addon", default=None, help="add-on directory (default: the shipped one)")
-    args = ap.parse_args()
-    modules.GistAttention.forward = recording(modules.GistAttention.forward)
+    args = probe_arguments(__doc__.splitlines()[0], 40)
+    modules.GistAttention.attention = recording(modules.GistAttention.attention)
     loaded = load_model()
     model, tok = loaded.model, loaded.tokenizer
     memory = GistMemory.open(model, tok, loaded.name, args.gist_addon)
+    edits = [case.edits[0] for case in load_dataset(args.dataset, limit=args.n)]
     mass = {"prompt": [], "first answer token": [], "later answer tokens": []}
-    for i, case in enumerate(load_dataset(args.dataset, limit=args.n)):
-        edit = case.edits[0]
-        memory.add([i], [statement(edit.prompt, edit.target)], subjects=[edit.subject], prompts=[edit.prompt])
+    for _, edit in each_fact_alone(memory, edits):
         ids, start = encode_target(tok, edit.prompt, edit.target)
         MASSES.clear()
         with memory.reading(), torch.no_grad():
             model(torch.tensor([ids], device=model.device))
-        memory.remove(i)
         if not MASSES:  # the gates kept the fact from its own prompt
             continue
         per_position = torch.stack(MASSES).mean(0).tolist()  # [T]; position p predicts token p + 1

@@ -28,12 +28,28 @@ def summary(name: str, targets: list[list[int]], predictions: list[list[int]]) -
           f" | later tokens {sum(later) / max(1, len(later)):.3f} ({len(later)})")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def probe_arguments(description: str, n: int) -> argparse.Namespace:
+    """--dataset, --n and --gist-addon: what the gist probes in scripts/ take."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--dataset", default="../shared/data/knowedit/ZsRE-test-all.json")
-    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--n", type=int, default=n)
     ap.add_argument("--gist-addon", default=None, help="add-on directory (default: the shipped one)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def each_fact_alone(memory: GistMemory, edits):
+    """Yields (i, edit) with that edit's fact alone in the pool (added before, removed after), as
+    `engram eval` writes a learned fact (its subject and prompt feed the gates)."""
+    for i, edit in enumerate(edits):
+        memory.add([i], [statement(edit.prompt, edit.target)], subjects=[edit.subject], prompts=[edit.prompt])
+        try:
+            yield i, edit
+        finally:
+            memory.remove(i)
+
+
+def main() -> None:
+    args = probe_arguments(__doc__.splitlines()[0], 100)
     loaded = load_model()
     model, tok = loaded.model, loaded.tokenizer
     edits = [case.edits[0] for case in load_dataset(args.dataset, limit=args.n)]
@@ -45,11 +61,9 @@ def main() -> None:
     summary("fact in the prompt", targets, argmax_tokens(model, tok, in_context, answers))
     memory = GistMemory.open(model, tok, loaded.name, args.gist_addon)
     predictions = []
-    for i, e in enumerate(edits):
-        memory.add([i], [statement(e.prompt, e.target)], subjects=[e.subject], prompts=[e.prompt])
+    for _, e in each_fact_alone(memory, edits):
         with memory.reading():
             predictions += argmax_tokens(model, tok, [e.prompt], [e.target])
-        memory.remove(i)
     memory.close()
     summary("gist, fact alone", targets, predictions)
     lengths = [len(t) for t in targets]

@@ -112,22 +112,29 @@ class GistAttention(nn.Module):
         q, _ = rope_function(attn)(q, q[:, :1], cos, sin)  # [B, H, T, D]
         return q
 
+    def attention(self, attn: nn.Module, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                  keys: torch.Tensor, temperature: float | torch.Tensor,
+                  visible: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, H, T, N+1] softmax over [zero-gist, gists] at every position (column 0: the zero-gist)."""
+        H, KVH = self.n_heads, self.n_kv_heads
+        q = self.queries(attn, h, cos_sin)  # [B, H, T, D]
+        k = torch.cat([self.zero_key[None].to(keys.dtype), keys], dim=0)  # [N+1, KVH, D]
+        k = k.repeat_interleave(H // KVH, dim=1)  # [N+1, H, D], head h reads kv head h // (H/KVH)
+        att = torch.einsum("bhtd,nhd->bhtn", q, k) * (attn.scaling / temperature)  # [B, H, T, N+1]
+        if visible is not None:  # the mention gate: rows a sequence may not read drop out of its softmax
+            keep = F.pad(visible, (1, 0), value=True)[:, None, None, :]  # [B, 1, 1, N+1], zero-gist always
+            att = att.masked_fill(~keep, float("-inf"))
+        return att.softmax(dim=-1, dtype=torch.float32).to(q.dtype)  # [B, H, T, N+1]
+
     def forward(self, attn: nn.Module, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 y: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 read: torch.Tensor | None, temperature: float | torch.Tensor,
                 visible: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = h.shape
         H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.queries(attn, h, cos_sin)  # [B, H, T, D]
-        k = torch.cat([self.zero_key[None].to(keys.dtype), keys], dim=0)  # [N+1, KVH, D]
+        att = self.attention(attn, h, cos_sin, keys, temperature, visible)  # [B, H, T, N+1]
         v = F.pad(values, (0, 0, 0, 0, 1, 0))  # [N+1, KVH, D], row 0 = the zero-gist's zero value
-        k = k.repeat_interleave(H // KVH, dim=1)  # [N+1, H, D], head h reads kv head h // (H/KVH)
         v = v.repeat_interleave(H // KVH, dim=1)  # [N+1, H, D]
-        att = torch.einsum("bhtd,nhd->bhtn", q, k) * (attn.scaling / temperature)  # [B, H, T, N+1]
-        if visible is not None:  # the mention gate: rows a sequence may not read drop out of its softmax
-            keep = F.pad(visible, (1, 0), value=True)[:, None, None, :]  # [B, 1, 1, N+1], zero-gist always
-            att = att.masked_fill(~keep, float("-inf"))
-        att = att.softmax(dim=-1, dtype=torch.float32).to(q.dtype)  # [B, H, T, N+1]
         g = torch.einsum("bhtn,nhd->bhtd", att, v)  # [B, H, T, D]
         if self.gate is not None:
             g = g * self.gate.to(g.dtype)[None, :, None, None]  # [B, H, T, D]
