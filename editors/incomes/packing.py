@@ -1,0 +1,48 @@
+"""Packed forwards: a right-padded batch run as one row with no padding (training and the held-out check).
+
+A training step's batches are ragged (a teacher row carries its fact, a query may carry a continuation), so
+about half of a padded [B, T] batch is padding, and the decoder's cost goes with B * T. Packed, the valid
+tokens of all rows form one sequence whose position ids restart at 0 for each row; transformers then builds
+a block-causal mask (one causal block per row; masking_utils.find_packed_sequence_indices), so each row
+sees only itself, at the positions it had in the padded batch: the same computation as padded, without
+the padding. The gist hooks work per position, so the student and the compression pass can be packed too;
+only rows that read the pool after an inline <GIST> cannot (the hooks find a row's last <GIST>), and
+training, the held-out check and compression never have those.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """`ids` and `position_ids` [1, N] (N valid tokens, row after row); `index` [B, T] maps a padded
+    (row, column) to its packed column, -1 at padding."""
+
+    ids: torch.Tensor
+    position_ids: torch.Tensor
+    index: torch.Tensor
+
+    def columns(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Packed columns [P] of padded positions (rows, cols), which must be valid tokens."""
+        return self.index[rows, cols]
+
+
+def pack(ids: torch.Tensor, mask: torch.Tensor) -> PackedBatch:
+    """Pack a right-padded batch (ids, mask [B, T]): each row's valid tokens must come first."""
+    valid = mask.bool()  # [B, T]
+    index = torch.full(ids.shape, -1, dtype=torch.long, device=ids.device)  # [B, T]
+    index[valid] = torch.arange(int(valid.sum()), device=ids.device)
+    positions = mask.long().cumsum(dim=-1) - 1  # [B, T], 0 at each row's first token
+    return PackedBatch(ids[valid][None], positions[valid][None], index)
+
+
+def packed_hidden(decoder, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+                  cols: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states [P, C] at padded positions (rows, cols), from one packed forward."""
+    packed = pack(ids, mask)
+    hidden = decoder(input_ids=packed.ids, position_ids=packed.position_ids, attention_mask=None,
+                     use_cache=False).last_hidden_state  # [1, N, C]
+    return hidden[0, packed.columns(rows, cols)]  # [P, C]
