@@ -285,6 +285,32 @@ def test_growing_a_query_conditioned_read_keeps_outputs_then_trains(tmp_path):
         grown.with_read_rank(3)
 
 
+def test_growing_the_adapter_rank_keeps_outputs_then_trains():
+    model = tiny_llama(vocab_size=VOCAB).requires_grad_(False)
+    addon = attached(model, adapter_rank=2, gate_init=1.0)
+    with torch.no_grad():  # trained-looking adapters, so that keeping them is tested
+        for name, p in addon.named_parameters():
+            if name.endswith(".B.weight"):
+                p.normal_(0, 0.1)
+    gists = compress_ids(model, addon, FACTS)
+    with addon.use(gists):
+        before = model(IDS).logits
+    addon.detach()
+    grown = addon.with_adapter_rank(6)
+    grown.attach(model, GIST_ID)
+    assert grown.config.adapter_rank == 6 and grown.config.adapter_alpha == addon.config.adapter_alpha * 3
+    assert grown.branches["3"].lora_q.scale == addon.branches["3"].lora_q.scale
+    grown_gists = compress_ids(model, grown, FACTS, grad=True)  # the compression-pass adapters grew too
+    assert torch.allclose(grown_gists.values.detach(), gists.values, atol=1e-5)
+    with grown.use(grown_gists):
+        assert torch.allclose(model(IDS).logits, before, atol=1e-5)  # new ranks start at zero: same outputs
+        model(IDS).logits.square().mean().backward()
+    for lora in (grown.compress_lora["3_v_proj"], grown.branches["3"].lora_q):  # and the new ranks train
+        assert lora.B.weight.grad[:, 2:].abs().sum() > 0
+    with pytest.raises(ConfigError, match="can only grow"):
+        grown.with_adapter_rank(6)
+
+
 def test_config_validates():
     assert GistConfig().layers_for(30) == tuple(range(15, 30))
     assert GistConfig(upper_layers=(5, 2)).upper_layers == (2, 5)

@@ -288,6 +288,31 @@ class GistAddon(nn.Module):
         addon.load_state_dict(tensors)
         return addon
 
+    @torch.no_grad()
+    def with_adapter_rank(self, rank: int) -> GistAddon:
+        """A copy whose LoRAs (compression pass and gist branch) have rank `rank` (a warm start that grows
+        capacity): each trained adapter fills the first ranks, the new ranks start with B = 0, and alpha
+        grows with the rank so that alpha / rank, the scale, stays. The copy computes what this add-on does."""
+        old = self.config.adapter_rank
+        if not old or rank <= old:
+            raise ConfigError(f"adapter rank can only grow from {old} (> 0) to more, not to {rank}")
+        config = replace(self.config, adapter_rank=rank, adapter_alpha=self.config.adapter_alpha * rank / old)
+        grown = type(self)(config, self.dims)
+        weight = self.gist_embedding
+        grown.to(device=weight.device, dtype=weight.dtype)
+        state = grown.state_dict()
+        for key, value in self.state_dict().items():
+            if key.endswith(".A.weight"):  # [r, d_in]: the trained rows first, the rest keep their init
+                state[key][:old] = value
+            elif key.endswith(".B.weight"):  # [d_out, r]: the trained columns first, the rest stay 0
+                state[key].zero_()
+                state[key][:, :old] = value
+            else:
+                state[key].copy_(value)
+        grown.load_state_dict(state)
+        grown.train(self.training)
+        return grown
+
     def with_read_rank(self, rank: int) -> GistAddon:
         """A copy with a query-conditioned read of `rank` added (a warm start that grows the branch): every
         trained weight is kept, and the new read starts at zero, so the copy computes what this add-on does."""

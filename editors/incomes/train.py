@@ -146,6 +146,9 @@ def train(model, tokenizer, facts, cfg: TrainConfig, gist_cfg: GistConfig, run_d
             log.warning("resuming with the checkpoint's gist config %s, not %s", addon.config, gist_cfg)
     elif init_addon:  # warm start: a trained add-on's weights, a fresh optimiser and schedule
         addon = GistAddon.load(init_addon, model).to(dtype=master)
+        if gist_cfg.adapter_rank > addon.config.adapter_rank:
+            addon = addon.with_adapter_rank(gist_cfg.adapter_rank)
+            log.info("the warm start grows its adapters to rank %d", gist_cfg.adapter_rank)
         if gist_cfg.read_rank and gist_cfg.read_rank != addon.config.read_rank:
             addon = addon.with_read_rank(gist_cfg.read_rank)
             log.info("the warm start grows a query-conditioned read of rank %d", gist_cfg.read_rank)
