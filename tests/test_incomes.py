@@ -281,8 +281,11 @@ def test_growing_a_query_conditioned_read_keeps_outputs_then_trains(tmp_path):
         assert not torch.allclose(model(IDS).logits, before)
     grown.save(tmp_path / "grown")
     assert GistAddon.load(tmp_path / "grown", model).config.read_rank == 3
-    with pytest.raises(ConfigError, match="already has a read"):
+    with pytest.raises(ConfigError, match="can only grow"):
         grown.with_read_rank(3)
+    wider = grown.with_read_rank(5)  # a read grows like the adapters: trained ranks kept, new ones at zero
+    assert torch.equal(wider.branches["3"].read.out.weight[:, :3], grown.branches["3"].read.out.weight)
+    assert not wider.branches["3"].read.out.weight[:, 3:].any()
 
 
 def test_growing_the_adapter_rank_keeps_outputs_then_trains():

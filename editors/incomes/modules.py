@@ -288,7 +288,6 @@ class GistAddon(nn.Module):
         addon.load_state_dict(tensors)
         return addon
 
-    @torch.no_grad()
     def with_adapter_rank(self, rank: int) -> GistAddon:
         """A copy whose LoRAs (compression pass and gist branch) have rank `rank` (a warm start that grows
         capacity): each trained adapter fills the first ranks, the new ranks start with B = 0, and alpha
@@ -296,33 +295,30 @@ class GistAddon(nn.Module):
         old = self.config.adapter_rank
         if not old or rank <= old:
             raise ConfigError(f"adapter rank can only grow from {old} (> 0) to more, not to {rank}")
-        config = replace(self.config, adapter_rank=rank, adapter_alpha=self.config.adapter_alpha * rank / old)
+        alpha = self.config.adapter_alpha * rank / old
+        return self._grown(replace(self.config, adapter_rank=rank, adapter_alpha=alpha))
+
+    def with_read_rank(self, rank: int) -> GistAddon:
+        """A copy with a query-conditioned read of `rank` (added, or grown from a smaller one): every trained
+        weight is kept, and the new read (or its new ranks) starts at zero, so the copy computes what this
+        add-on does."""
+        if rank <= self.config.read_rank:
+            raise ConfigError(f"the read can only grow from rank {self.config.read_rank}, not to {rank}")
+        return self._grown(replace(self.config, read_rank=rank))
+
+    @torch.no_grad()
+    def _grown(self, config: GistConfig) -> GistAddon:
+        """An add-on of `config` holding this one's weights in the leading slice of each of its tensors. What
+        is new keeps its initialisation, which is zero for every output side (LoRA B, the read's `out`), so
+        new ranks and modules add exactly nothing until they train."""
         grown = type(self)(config, self.dims)
         weight = self.gist_embedding
         grown.to(device=weight.device, dtype=weight.dtype)
         state = grown.state_dict()
         for key, value in self.state_dict().items():
-            if key.endswith(".A.weight"):  # [r, d_in]: the trained rows first, the rest keep their init
-                state[key][:old] = value
-            elif key.endswith(".B.weight"):  # [d_out, r]: the trained columns first, the rest stay 0
-                state[key].zero_()
-                state[key][:, :old] = value
-            else:
-                state[key].copy_(value)
+            if key not in state or any(a > b for a, b in zip(value.shape, state[key].shape)):
+                raise ConfigError(f"cannot grow this add-on: {key} {tuple(value.shape)} does not fit")
+            state[key][tuple(slice(0, n) for n in value.shape)] = value
         grown.load_state_dict(state)
-        grown.train(self.training)
-        return grown
-
-    def with_read_rank(self, rank: int) -> GistAddon:
-        """A copy with a query-conditioned read of `rank` added (a warm start that grows the branch): every
-        trained weight is kept, and the new read starts at zero, so the copy computes what this add-on does."""
-        if self.config.read_rank:
-            raise ConfigError(f"this add-on already has a read of rank {self.config.read_rank}")
-        grown = type(self)(replace(self.config, read_rank=rank), self.dims)
-        weight = self.gist_embedding
-        grown.to(device=weight.device, dtype=weight.dtype)
-        missing, unexpected = grown.load_state_dict(self.state_dict(), strict=False)
-        if unexpected or any(".read." not in key for key in missing):
-            raise ConfigError(f"cannot grow this add-on: missing {missing}, unexpected {unexpected}")
         grown.train(self.training)
         return grown

@@ -149,7 +149,7 @@ def train(model, tokenizer, facts, cfg: TrainConfig, gist_cfg: GistConfig, run_d
         if gist_cfg.adapter_rank > addon.config.adapter_rank:
             addon = addon.with_adapter_rank(gist_cfg.adapter_rank)
             log.info("the warm start grows its adapters to rank %d", gist_cfg.adapter_rank)
-        if gist_cfg.read_rank and gist_cfg.read_rank != addon.config.read_rank:
+        if gist_cfg.read_rank > addon.config.read_rank:
             addon = addon.with_read_rank(gist_cfg.read_rank)
             log.info("the warm start grows a query-conditioned read of rank %d", gist_cfg.read_rank)
         opt, start = factory(addon), 0
