@@ -7,7 +7,7 @@ import torch
 from editors.incomes import compress_ids
 from editors.incomes.compress import pad_rows
 from editors.incomes.objective import _logits_at
-from editors.incomes.packing import pack
+from editors.incomes.packing import pack, packs
 from tests.test_incomes import BUILDERS, FACTS, attached
 
 # ragged rows, one longer than Gemma 3's sliding window (8), one of a single token
@@ -21,6 +21,7 @@ def test_pack_drops_the_padding_and_restarts_positions():
     assert packed.position_ids[0].tolist() == [p for row in ROWS for p in range(len(row))]
     assert packed.columns(torch.tensor([1, 3]), torch.tensor([2, 0])).tolist() == [14, 16]
     assert int((packed.index >= 0).sum()) == sum(map(len, ROWS))  # padding maps to -1
+    assert packs(mask) and not packs(torch.ones(4, 12))  # 23 of 48 slots are tokens; a full batch is not packed
 
 
 @pytest.mark.parametrize("arch", sorted(BUILDERS))

@@ -1,7 +1,7 @@
 """Compression: each fact -> the K/V of one <GIST> token in every upper layer (DESIGN §1.2).
 
-One forward over `[fact tokens, <GIST>]` per fact, batched and packed into one row with no padding
-(editors/incomes/packing: block-causal, so each fact is compressed independently of the others).
+One forward over `[fact tokens, <GIST>]` per fact, batched with right padding, or packed into one row when
+the batch is mostly padding (editors/incomes/packing); either way each fact is compressed independently.
 Keys are kept before RoPE (after k_norm where the model has one), so a gist carries no position.
 The forward runs the decoder only (no LM head), with no pool visible, and the compression-pass
 adapters switched on.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from editors.incomes.introspect import GistHookError, find_layer_stack
-from editors.incomes.packing import pack
+from editors.incomes.packing import decoder_inputs
 from memory.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -117,12 +117,12 @@ def compress_ids(model, addon, id_lists: Sequence[Sequence[int]], batch_size: in
 def _compress_batch(decoder, addon, input_ids, mask, cols) -> CompressedGists:
     rt = addon.runtime
     saved_pool = rt.pool
-    packed = pack(input_ids, mask)  # one row, no padding: each fact still sees only itself
-    at = packed.columns(torch.arange(input_ids.shape[0], device=input_ids.device), cols)  # [B]
-    rt.pool, rt.capture_at = None, (torch.zeros_like(at), at)  # no pool is read while compressing
+    inputs, locate = decoder_inputs(input_ids, mask)  # packed when mostly padding: each fact sees only itself
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # [B]
+    rt.pool, rt.capture_at = None, locate(rows, cols)  # no pool is read while compressing
     rt.captured.clear()
     try:
-        decoder(input_ids=packed.ids, position_ids=packed.position_ids, attention_mask=None, use_cache=False)
+        decoder(**inputs, use_cache=False)
         missing = [i for i in addon.layer_ids if i not in rt.captured]
         if missing:
             raise GistHookError(f"compression captured no K/V in upper layers {missing}")

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from editors.incomes.compress import compress_ids, pad_rows
 from editors.incomes.introspect import find_layer_stack
-from editors.incomes.packing import packed_hidden
+from editors.incomes.packing import hidden_at
 from editors.incomes.traindata import Query, TrainFact
 from evaluation.metrics import join_prompt_target
 
@@ -157,7 +157,7 @@ def continuations(tokens: Tokens, facts, n: int, rng: random.Random, prob: float
 def _logits_at(model, ids, mask, rows, cols) -> torch.Tensor:
     """float32 logits [P, V] at (rows, cols) only: the decoder, then the LM head on P positions."""
     decoder, _ = find_layer_stack(model)
-    h = packed_hidden(decoder, ids, mask, rows, cols)  # [P, C], one forward with no padding
+    h = hidden_at(decoder, ids, mask, rows, cols)  # [P, C], packed when mostly padding
     head = model.get_output_embeddings()
     autocast_off = torch.autocast(h.device.type, enabled=False) if torch.is_autocast_enabled(h.device.type) \
         else contextlib.nullcontext()
@@ -178,7 +178,7 @@ def _logp(model, ids, mask, rows, cols) -> torch.Tensor:
 def teacher_targets(model, addon, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
     """(teacher log-probs [P, V], token weights w [P]) from the frozen base (no pool is read).
 
-    The with-fact and without-fact sequences go through one packed forward (no padding computed)."""
+    The with-fact and without-fact sequences go through one forward (packed: no padding computed)."""
     B, P = enc.student_ids.shape[0], enc.s_rows.shape[0]
     width = max(enc.teacher_ids.shape[1], enc.student_ids.shape[1])
     ids = torch.cat([F.pad(enc.teacher_ids, (0, width - enc.teacher_ids.shape[1]), value=0),
