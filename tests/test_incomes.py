@@ -261,15 +261,21 @@ def test_addon_trains_and_round_trips(tmp_path):
         GistAddon.load(tmp_path / "addon", tiny_llama(vocab_size=VOCAB, layers=6))
 
 
-def test_growing_a_query_conditioned_read_keeps_outputs_then_trains(tmp_path):
-    model = tiny_llama(vocab_size=VOCAB).requires_grad_(False)
-    addon = attached(model, adapter_rank=2, gate_init=1.0)
+def grown_after_reading(model, addon, grow):
+    """(gists, logits reading them, the grown add-on `grow(addon)` attached in place of `addon`)."""
     gists = compress_ids(model, addon, FACTS)
     with addon.use(gists):
         before = model(IDS).logits
     addon.detach()
-    grown = addon.with_read_rank(3)
+    grown = grow(addon)
     grown.attach(model, GIST_ID)
+    return gists, before, grown
+
+
+def test_growing_a_query_conditioned_read_keeps_outputs_then_trains(tmp_path):
+    model = tiny_llama(vocab_size=VOCAB).requires_grad_(False)
+    addon = attached(model, adapter_rank=2, gate_init=1.0)
+    gists, before, grown = grown_after_reading(model, addon, lambda a: a.with_read_rank(3))
     assert grown.config.read_rank == 3 and grown.branches["3"].read is not None
     with grown.use(gists):
         assert torch.equal(model(IDS).logits, before)  # the new read starts at zero: same outputs
@@ -295,12 +301,7 @@ def test_growing_the_adapter_rank_keeps_outputs_then_trains():
         for name, p in addon.named_parameters():
             if name.endswith(".B.weight"):
                 p.normal_(0, 0.1)
-    gists = compress_ids(model, addon, FACTS)
-    with addon.use(gists):
-        before = model(IDS).logits
-    addon.detach()
-    grown = addon.with_adapter_rank(6)
-    grown.attach(model, GIST_ID)
+    gists, before, grown = grown_after_reading(model, addon, lambda a: a.with_adapter_rank(6))
     assert grown.config.adapter_rank == 6 and grown.config.adapter_alpha == addon.config.adapter_alpha * 3
     assert grown.branches["3"].lora_q.scale == addon.branches["3"].lora_q.scale
     grown_gists = compress_ids(model, grown, FACTS, grad=True)  # the compression-pass adapters grew too
