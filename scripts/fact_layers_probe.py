@@ -17,12 +17,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gist_token_positions import probe_arguments, summary  # noqa: E402
+
 from editors.incomes.introspect import attention_of, find_layer_stack  # noqa: E402
 from editors.model import load_model  # noqa: E402
 from evaluation.datasets import load_dataset  # noqa: E402
 from evaluation.methods import statement  # noqa: E402
 from evaluation.metrics import encode_target  # noqa: E402
-from scripts.gist_token_positions import probe_arguments, summary  # noqa: E402
 
 
 def barred_mask(length: int, fact_end: int, device) -> torch.Tensor:

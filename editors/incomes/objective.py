@@ -178,7 +178,7 @@ def _logp(model, ids, mask, rows, cols) -> torch.Tensor:
 def teacher_targets(model, addon, enc: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
     """(teacher log-probs [P, V], token weights w [P]) from the frozen base (no pool is read).
 
-    The with-fact and without-fact sequences go through one forward (packed: no padding computed)."""
+    The with-fact and without-fact sequences go through one forward (packed when mostly padding)."""
     B, P = enc.student_ids.shape[0], enc.s_rows.shape[0]
     width = max(enc.teacher_ids.shape[1], enc.student_ids.shape[1])
     ids = torch.cat([F.pad(enc.teacher_ids, (0, width - enc.teacher_ids.shape[1]), value=0),

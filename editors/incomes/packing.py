@@ -34,8 +34,7 @@ class PackedBatch:
 def pack(ids: torch.Tensor, mask: torch.Tensor) -> PackedBatch:
     """Pack a right-padded batch (ids, mask [B, T]): each row's valid tokens must come first."""
     valid = mask.bool()  # [B, T]
-    index = torch.full(ids.shape, -1, dtype=torch.long, device=ids.device)  # [B, T]
-    index[valid] = torch.arange(int(valid.sum()), device=ids.device)
+    index = torch.where(valid, valid.flatten().long().cumsum(0).view_as(valid) - 1, -1)  # [B, T], no host sync
     positions = mask.long().cumsum(dim=-1) - 1  # [B, T], 0 at each row's first token
     return PackedBatch(ids[valid][None], positions[valid][None], index)
 
