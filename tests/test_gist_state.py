@@ -59,3 +59,24 @@ def test_missing_pool_file_is_rebuilt_from_the_store(store):
     rebuilt = GistState(store, memory_for(model, tok, addon))
     assert rebuilt.open() == 1 and ids[0] in rebuilt.memory.pool
     rebuilt.memory.close()
+
+
+def test_a_pool_compressed_by_another_addon_is_compressed_again(store, caplog):
+    model, tok = tiny_llama(), tiny_tokenizer()
+    old = GistAddon.for_model(model, GistConfig(gists_per_fact=2))
+    ids = store.add_facts([FactInput(prompt="Ann lives in", target="Oslo"),
+                           FactInput(prompt="Bob works at", target="Acme")]).new_ids
+    state = GistState(store, memory_for(model, tok, old))
+    state.open()
+    state.add([store.get_fact(i) for i in ids])
+    state.memory.close()
+    new = GistAddon.for_model(model, GistConfig())  # another add-on: one gist per fact, other weights
+    fresh = GistState(store, memory_for(model, tok, new))
+    assert fresh.open() == 2 and "compressed by another gist add-on" in caplog.text
+    expected = fresh.memory.pool.view_all().keys.clone()
+    assert expected.shape[2] == new.pool_heads  # the rows are the new add-on's, not the file's
+    fresh.memory.close()
+    again = GistState(store, memory_for(model, tok, new))
+    assert again.open() == 2  # the file now holds the new add-on's gists, read as they are
+    assert torch.equal(again.memory.pool.view_all().keys, expected)
+    again.memory.close()

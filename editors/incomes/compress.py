@@ -1,6 +1,6 @@
-"""Compression: each fact -> the K/V of one <GIST> token in every upper layer (DESIGN §1.2).
+"""Compression: each fact -> the K/V of its <GIST> token(s) in every upper layer (DESIGN §1.2).
 
-One forward over `[fact tokens, <GIST>]` per fact, batched with right padding, or packed into one row when
+One forward over `[fact tokens, <GIST> x gists_per_fact]` per fact, batched with right padding, or packed into one row when
 the batch is mostly padding (editors/incomes/packing); either way each fact is compressed independently.
 Keys are kept before RoPE (after k_norm where the model has one), so a gist carries no position.
 The forward runs the decoder only (no LM head), with no pool visible, and the compression-pass
@@ -73,19 +73,20 @@ def pad_rows(rows: list[list[int]], pad_id: int, device, width: int | None = Non
     return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
 
-def _pack(id_lists: Sequence[Sequence[int]], gist_id: int, pad_id: int, max_tokens: int, device):
-    """Right-padded [B, T] ids and mask with <GIST> appended to each row, and each row's gist column."""
+def _pack(id_lists: Sequence[Sequence[int]], gist_id: int, pad_id: int, max_tokens: int, device, per_fact: int = 1):
+    """Right-padded [B, T] ids and mask with `per_fact` <GIST> tokens appended to each row, and the gist
+    columns, fact-major ([B * per_fact]: fact 0's gists, then fact 1's, ...)."""
     rows = []
     for ids in id_lists:
         ids = list(ids)
         if not ids:
             raise ConfigError("cannot compress an empty fact")
-        if len(ids) >= max_tokens:
-            log.warning("fact of %d tokens cut to %d before its <GIST>", len(ids), max_tokens - 1)
-            ids = ids[: max_tokens - 1]
-        rows.append(ids + [gist_id])
+        if len(ids) > max_tokens - per_fact:
+            log.warning("fact of %d tokens cut to %d before its <GIST>", len(ids), max_tokens - per_fact)
+            ids = ids[: max_tokens - per_fact]
+        rows.append(ids + [gist_id] * per_fact)
     input_ids, mask = pad_rows(rows, pad_id, device)  # [B, T]
-    cols = torch.tensor([len(r) - 1 for r in rows])  # [B]
+    cols = torch.tensor([len(r) - per_fact + j for r in rows for j in range(per_fact)])  # [B * per_fact]
     return input_ids, mask, cols.to(device)
 
 
@@ -99,26 +100,31 @@ def compress_ids(model, addon, id_lists: Sequence[Sequence[int]], batch_size: in
         raise GistHookError("attach() the gist add-on before compressing")
     if batch_size < 1:
         raise ConfigError("batch_size must be >= 1")
+    per_fact = addon.config.gists_per_fact
+    if max_tokens <= per_fact:
+        raise ConfigError(f"max_tokens {max_tokens} leaves no room for a fact before its {per_fact} gists")
     decoder, _ = find_layer_stack(model)
     device = addon.gist_embedding.device
     parts = []
     with torch.set_grad_enabled(grad):
         for start in range(0, len(id_lists), batch_size):
             chunk = id_lists[start:start + batch_size]
-            input_ids, mask, cols = _pack(chunk, addon.gist_token_id, pad_id, max_tokens, device)
-            parts.append(_compress_batch(decoder, addon, input_ids, mask, cols))
+            input_ids, mask, cols = _pack(chunk, addon.gist_token_id, pad_id, max_tokens, device, per_fact)
+            parts.append(_compress_batch(decoder, addon, input_ids, mask, cols, per_fact))
     if not parts:
         d = addon.dims
-        empty = addon.gist_embedding.new_zeros(len(addon.layer_ids), 0, d.n_kv_heads, d.head_dim)
+        empty = addon.gist_embedding.new_zeros(len(addon.layer_ids), 0, d.n_kv_heads * per_fact, d.head_dim)
         return CompressedGists(addon.layer_ids, empty, empty.clone())
     return CompressedGists.cat(parts)
 
 
-def _compress_batch(decoder, addon, input_ids, mask, cols) -> CompressedGists:
+def _compress_batch(decoder, addon, input_ids, mask, cols, per_fact: int = 1) -> CompressedGists:
+    """The K/V at `cols` ([B * per_fact], fact-major) as gists [L, B, per_fact * KVH, D]: a fact's gists side
+    by side in its row, as extra heads, so the pool keeps one row per fact whatever `per_fact` is."""
     rt = addon.runtime
     saved_pool = rt.pool
     inputs, locate = decoder_inputs(input_ids, mask)  # packed when mostly padding: each fact sees only itself
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # [B]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device).repeat_interleave(per_fact)  # [B * per_fact]
     rt.pool, rt.capture_at = None, locate(rows, cols)  # no pool is read while compressing
     rt.captured.clear()
     try:
@@ -126,8 +132,9 @@ def _compress_batch(decoder, addon, input_ids, mask, cols) -> CompressedGists:
         missing = [i for i in addon.layer_ids if i not in rt.captured]
         if missing:
             raise GistHookError(f"compression captured no K/V in upper layers {missing}")
-        keys = torch.stack([rt.captured[i][0] for i in addon.layer_ids])  # [L, B, KVH, D]
-        values = torch.stack([rt.captured[i][1] for i in addon.layer_ids])  # [L, B, KVH, D]
+        n, d = input_ids.shape[0], addon.dims.head_dim
+        keys = torch.stack([rt.captured[i][0].reshape(n, -1, d) for i in addon.layer_ids])  # [L, B, per*KVH, D]
+        values = torch.stack([rt.captured[i][1].reshape(n, -1, d) for i in addon.layer_ids])  # [L, B, per*KVH, D]
     finally:
         rt.pool, rt.capture_at = saved_pool, None
         rt.captured.clear()

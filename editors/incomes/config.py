@@ -34,6 +34,9 @@ class GistConfig:
         every position, scaled per head; this adds `B(A_g(g) * A_h(h))` (g the read, h the reading
         position's hidden state), so a gist can give each position of a multi-token answer its own token.
         It lives in the gist branch only: no memory per fact, and an empty pool still skips the branch.
+    gists_per_fact: how many <GIST> tokens follow each fact (each with its own learned embedding); every one
+        is a key/value the branch can select, so a multi-token answer can take its tokens from different
+        gists. Memory per fact grows with it.
     """
 
     gist_token: str = "<GIST>"
@@ -46,6 +49,7 @@ class GistConfig:
     zero_key_init_std: float = 0.0
     gate_init: float | None = None
     read_rank: int = 0
+    gists_per_fact: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.gist_token, str) or not self.gist_token.strip():
@@ -61,6 +65,7 @@ class GistConfig:
         _check_int("temperature_min_gists", self.temperature_min_gists, low=0)
         _check_int("adapter_rank", self.adapter_rank, low=0)
         _check_int("read_rank", self.read_rank, low=0)
+        _check_int("gists_per_fact", self.gists_per_fact, low=1)
         _check_number("adapter_alpha", self.adapter_alpha, low=0.0, inclusive=False)
         _check_number("zero_key_init_std", self.zero_key_init_std, low=0.0)
         if self.gate_init is not None:

@@ -173,8 +173,12 @@ def _embedding_post(addon):
     def hook(module, args, output):
         if rt.gist_mask is None:
             return None
-        gist = addon.gist_embedding.to(output.dtype)  # [C]
-        return torch.where(rt.gist_mask[..., None], gist, output)  # [B, T, C]
+        embeddings = addon.gist_embeddings().to(output.dtype)  # [per_fact, C]
+        if len(embeddings) == 1:
+            return torch.where(rt.gist_mask[..., None], embeddings[0], output)  # [B, T, C]
+        # a fact's gists are consecutive, so the running count of gists in a row says which of its gists this is
+        which = (rt.gist_mask.long().cumsum(dim=-1) - 1).remainder(len(embeddings))  # [B, T]
+        return torch.where(rt.gist_mask[..., None], embeddings[which], output)  # [B, T, C]
 
     return hook
 

@@ -49,6 +49,7 @@ class GistMemory:
         addon.attach(model, add_gist_token(tokenizer))
         addon.runtime.relation_check = self.relation_gate
         self.pool = GistPool.for_addon(addon)
+        self._fingerprint: str | None = None
 
     @classmethod
     def open(cls, model, tokenizer, model_name: str, addon_dir: str | Path | None = None,
@@ -109,10 +110,25 @@ class GistMemory:
             yield self
 
     def save(self, path: str | Path) -> Path:
+        self.pool.tag = self._addon_fingerprint()  # which add-on compressed these gists
         return self.pool.save(path)
 
-    def load(self, path: str | Path) -> None:
-        self.pool = GistPool.load(path, self.addon.gist_embedding.device)
+    def load(self, path: str | Path) -> bool:
+        """Read the pool file; False (and the pool left empty) when another add-on compressed it: its gists
+        would be read wrongly, and the caller compresses the facts again (editors/gist_state does)."""
+        pool = GistPool.load(path, self.addon.gist_embedding.device)
+        if pool.tag != self._addon_fingerprint():
+            log.warning("gist pool %s was compressed by another gist add-on; its %d facts will be compressed "
+                        "again", path, len(pool))
+            return False
+        self.pool = pool
+        return True
+
+    def _addon_fingerprint(self) -> str:
+        # hashed once (~0.1 s on the default add-on): the add-on is frozen while it serves a store
+        if self._fingerprint is None:
+            self._fingerprint = self.addon.fingerprint()
+        return self._fingerprint
 
     def close(self) -> None:
         self.addon.runtime.relation_check = None

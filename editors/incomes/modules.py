@@ -19,6 +19,7 @@ Its own weights are saved alone, with a JSON config (the shape of PEFT's adaptio
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -91,6 +92,7 @@ class GistAttention(nn.Module):
     def __init__(self, dims: ModelDims, config: GistConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = dims.n_heads, dims.n_kv_heads, dims.head_dim
+        self.per_fact = config.gists_per_fact
         self.zero_key = nn.Parameter(torch.randn(dims.n_kv_heads, dims.head_dim) * config.zero_key_init_std)
         r, alpha, width = config.adapter_rank, config.adapter_alpha, dims.n_heads * dims.head_dim
         self.lora_q = LoRA(dims.hidden, width, r, alpha) if r else None
@@ -98,6 +100,10 @@ class GistAttention(nn.Module):
         self.gate = nn.Parameter(torch.full((dims.n_heads,), float(config.gate_init))) \
             if config.gate_init is not None else None
         self.read = QueryConditionedRead(width, dims.hidden, config.read_rank) if config.read_rank else None
+
+    def one_gist_per_row(self, kv: torch.Tensor) -> torch.Tensor:
+        """Pool rows [F, per_fact * KVH, D] (a fact's gists side by side) as gists [F * per_fact, KVH, D]."""
+        return kv if self.per_fact == 1 else kv.reshape(-1, self.n_kv_heads, self.head_dim)
 
     def queries(self, attn: nn.Module, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """The layer's own queries, as its self-attention makes them (+ the branch's LoRA)."""
@@ -117,11 +123,13 @@ class GistAttention(nn.Module):
                   visible: torch.Tensor | None = None) -> torch.Tensor:
         """[B, H, T, N+1] softmax over [zero-gist, gists] at every position (column 0: the zero-gist)."""
         H, KVH = self.n_heads, self.n_kv_heads
+        keys = self.one_gist_per_row(keys)  # [N, KVH, D]
         q = self.queries(attn, h, cos_sin)  # [B, H, T, D]
         k = torch.cat([self.zero_key[None].to(keys.dtype), keys], dim=0)  # [N+1, KVH, D]
         k = k.repeat_interleave(H // KVH, dim=1)  # [N+1, H, D], head h reads kv head h // (H/KVH)
         att = torch.einsum("bhtd,nhd->bhtn", q, k) * (attn.scaling / temperature)  # [B, H, T, N+1]
         if visible is not None:  # the mention gate: rows a sequence may not read drop out of its softmax
+            visible = visible.repeat_interleave(self.per_fact, dim=1)  # [B, N], a fact's gists go together
             keep = F.pad(visible, (1, 0), value=True)[:, None, None, :]  # [B, 1, 1, N+1], zero-gist always
             att = att.masked_fill(~keep, float("-inf"))
         return att.softmax(dim=-1, dtype=torch.float32).to(q.dtype)  # [B, H, T, N+1]
@@ -133,7 +141,7 @@ class GistAttention(nn.Module):
         B, T, _ = h.shape
         H, KVH, D = self.n_heads, self.n_kv_heads, self.head_dim
         att = self.attention(attn, h, cos_sin, keys, temperature, visible)  # [B, H, T, N+1]
-        v = F.pad(values, (0, 0, 0, 0, 1, 0))  # [N+1, KVH, D], row 0 = the zero-gist's zero value
+        v = F.pad(self.one_gist_per_row(values), (0, 0, 0, 0, 1, 0))  # [N+1, KVH, D], row 0: the zero value
         v = v.repeat_interleave(H // KVH, dim=1)  # [N+1, H, D]
         g = torch.einsum("bhtn,nhd->bhtd", att, v)  # [B, H, T, D]
         if self.gate is not None:
@@ -166,6 +174,8 @@ class GistAddon(nn.Module):
         self.layer_ids = config.layers_for(dims.n_layers)
         self.branches = nn.ModuleDict({str(i): GistAttention(dims, config) for i in self.layer_ids})
         self.gist_embedding = nn.Parameter(torch.zeros(dims.hidden))  # [C], set by init_from(model)
+        if config.gists_per_fact > 1:  # the embeddings of a fact's second, third, ... gist
+            self.later_gist_embeddings = nn.Parameter(torch.zeros(config.gists_per_fact - 1, dims.hidden))
         self.compress_lora = nn.ModuleDict()
         if config.adapter_rank:
             width = {"q_proj": dims.n_heads * dims.head_dim, "k_proj": dims.n_kv_heads * dims.head_dim,
@@ -198,6 +208,19 @@ class GistAddon(nn.Module):
         scale = out.norm() / weight[probe].norm()
         self.to(device=weight.device, dtype=weight.dtype)
         self.gist_embedding.copy_(weight.mean(dim=0) * scale)  # [C]
+        if self.config.gists_per_fact > 1:
+            self.later_gist_embeddings.copy_(self.gist_embedding.expand_as(self.later_gist_embeddings))
+
+    def gist_embeddings(self) -> torch.Tensor:
+        """[gists_per_fact, C]: the embedding of a fact's first gist, then of each later one."""
+        if self.config.gists_per_fact == 1:
+            return self.gist_embedding[None]
+        return torch.cat([self.gist_embedding[None], self.later_gist_embeddings])
+
+    @property
+    def pool_heads(self) -> int:
+        """Key/value heads in one pool row: the model's, once per gist of the fact."""
+        return self.dims.n_kv_heads * self.config.gists_per_fact
 
     # -- attaching --------------------------------------------------------------------------------
     def attach(self, model: nn.Module, gist_token_id: int) -> None:
@@ -245,6 +268,15 @@ class GistAddon(nn.Module):
             return temps[0] if temps else 1.0
         return torch.tensor(temps, device=self.gist_embedding.device)[:, None, None, None]
 
+    def fingerprint(self) -> str:
+        """A short hash of the config and every weight: a pool compressed by another add-on (or by this one
+        before more training) is tagged with another fingerprint, so its gists are known to be stale."""
+        digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     # -- saving -----------------------------------------------------------------------------------
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
         """Write the add-on weights (safetensors) and a JSON config, alone, atomically (temp dir + rename)."""
@@ -288,6 +320,21 @@ class GistAddon(nn.Module):
         addon.load_state_dict(tensors)
         return addon
 
+    def grown_to(self, config: GistConfig) -> GistAddon:
+        """This add-on, grown (warm start) wherever `config` asks for more adapter rank, read rank or gists per
+        fact than it has; each growth keeps what it computes (see the with_* methods)."""
+        addon = self
+        if config.adapter_rank > addon.config.adapter_rank:
+            addon = addon.with_adapter_rank(config.adapter_rank)
+        if config.read_rank > addon.config.read_rank:
+            addon = addon.with_read_rank(config.read_rank)
+        if config.gists_per_fact > addon.config.gists_per_fact:
+            addon = addon.with_gists_per_fact(config.gists_per_fact)
+        if addon is not self:
+            log.info("the warm start grows to adapter rank %d, read rank %d, %d gists per fact",
+                     addon.config.adapter_rank, addon.config.read_rank, addon.config.gists_per_fact)
+        return addon
+
     def with_adapter_rank(self, rank: int) -> GistAddon:
         """A copy whose LoRAs (compression pass and gist branch) have rank `rank` (a warm start that grows
         capacity): each trained adapter fills the first ranks, the new ranks start with B = 0, and alpha
@@ -305,6 +352,17 @@ class GistAddon(nn.Module):
         if rank <= self.config.read_rank:
             raise ConfigError(f"the read can only grow from rank {self.config.read_rank}, not to {rank}")
         return self._grown(replace(self.config, read_rank=rank))
+
+    @torch.no_grad()
+    def with_gists_per_fact(self, count: int) -> GistAddon:
+        """A copy that appends `count` gists to each fact: the trained ones kept, each new one's embedding
+        starting as a copy of the last trained one (a fresh vector would be far from anything trained)."""
+        old = self.config.gists_per_fact
+        if count <= old:
+            raise ConfigError(f"gists per fact can only grow from {old}, not to {count}")
+        grown = self._grown(replace(self.config, gists_per_fact=count))
+        grown.later_gist_embeddings[old - 1:] = self.gist_embeddings()[-1]
+        return grown
 
     @torch.no_grad()
     def _grown(self, config: GistConfig) -> GistAddon:

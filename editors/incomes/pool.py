@@ -68,7 +68,7 @@ class GistPool:
     def for_addon(cls, addon, tag: str | None = None) -> GistPool:
         """An empty pool shaped for `addon`, on its device and dtype (the model's)."""
         w = addon.gist_embedding
-        return cls(addon.layer_ids, addon.dims.n_kv_heads, addon.dims.head_dim, w.device, w.dtype, tag)
+        return cls(addon.layer_ids, addon.pool_heads, addon.dims.head_dim, w.device, w.dtype, tag)
 
     # -- contents ---------------------------------------------------------------------------------
     def __len__(self) -> int:

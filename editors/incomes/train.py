@@ -145,13 +145,7 @@ def train(model, tokenizer, facts, cfg: TrainConfig, gist_cfg: GistConfig, run_d
         if addon.config != gist_cfg:
             log.warning("resuming with the checkpoint's gist config %s, not %s", addon.config, gist_cfg)
     elif init_addon:  # warm start: a trained add-on's weights, a fresh optimiser and schedule
-        addon = GistAddon.load(init_addon, model).to(dtype=master)
-        if gist_cfg.adapter_rank > addon.config.adapter_rank:
-            addon = addon.with_adapter_rank(gist_cfg.adapter_rank)
-            log.info("the warm start grows its adapters to rank %d", gist_cfg.adapter_rank)
-        if gist_cfg.read_rank > addon.config.read_rank:
-            addon = addon.with_read_rank(gist_cfg.read_rank)
-            log.info("the warm start grows a query-conditioned read of rank %d", gist_cfg.read_rank)
+        addon = GistAddon.load(init_addon, model).to(dtype=master).grown_to(gist_cfg)
         opt, start = factory(addon), 0
         log.info("starting from the add-on in %s", init_addon)
     else:
@@ -341,6 +335,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-key-init-std", type=float, default=0.0)
     p.add_argument("--read-rank", type=int, default=0,
                    help="rank of the query-conditioned gist read (0: none); a warm start grows one")
+    p.add_argument("--gists-per-fact", type=int, default=1,
+                   help="<GIST> tokens after each fact (memory per fact grows with it); a warm start grows them")
     p.add_argument("--log-level", default="INFO")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -376,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig(**values)
         gate = None if args.gate_init != args.gate_init else args.gate_init  # nan -> no gate
         gist_cfg = GistConfig(adapter_rank=args.adapter_rank, adapter_alpha=args.adapter_alpha, gate_init=gate,
-                              zero_key_init_std=args.zero_key_init_std, read_rank=args.read_rank)
+                              zero_key_init_std=args.zero_key_init_std, read_rank=args.read_rank,
+                              gists_per_fact=args.gists_per_fact)
         facts = load_train_facts(args.data_root)[: args.max_facts]
         loaded = load_model(args.model, args.device)
         if loaded.device.type == "cuda":

@@ -16,7 +16,7 @@ from memory.errors import ConfigError
 
 AMP_MODES = ("none", "bf16")
 ZERO_KEY_INITS = ("zero", "sink")
-FAST_PARAMS = ("gate", "zero_key", "gist_embedding")  # parameter-name endings that get lr * fast_lr_mult
+FAST_PARAMS = ("gate", "zero_key", "gist_embedding", "later_gist_embeddings")  # names that get lr * fast_lr_mult
 
 
 @dataclass(frozen=True)
