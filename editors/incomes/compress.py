@@ -1,7 +1,8 @@
 """Compression: each fact -> the K/V of its <GIST> token(s) in every upper layer (DESIGN §1.2).
 
-One forward over `[fact tokens, <GIST> x gists_per_fact]` per fact, batched with right padding, or packed into one row when
-the batch is mostly padding (editors/incomes/packing); either way each fact is compressed independently.
+One forward over `[fact tokens, <GIST> x gists_per_fact]` per fact, batched with right padding, or packed
+into one row when the batch is mostly padding (editors/incomes/packing); either way each fact is compressed
+independently.
 Keys are kept before RoPE (after k_norm where the model has one), so a gist carries no position.
 The forward runs the decoder only (no LM head), with no pool visible, and the compression-pass
 adapters switched on.
