@@ -28,6 +28,27 @@ def summary(name: str, targets: list[list[int]], predictions: list[list[int]]) -
           f" | later tokens {sum(later) / max(1, len(later)):.3f} ({len(later)})")
 
 
+def later_misses(targets: list[list[int]], predictions: list[list[int]], base: list[list[int]],
+                 in_context: list[list[int]]) -> None:
+    """What the gist predicts where it misses a later answer token: an answer token already given (a repeat),
+    the base model's own guess there (the gist changed nothing), or something else."""
+    repeat = as_base = other = right_in_context = 0
+    for tgt, pred, plain, ctx in zip(targets, predictions, base, in_context):
+        for j in range(1, len(tgt)):
+            if pred[j] == tgt[j]:
+                continue
+            right_in_context += ctx[j] == tgt[j]
+            if pred[j] in tgt[:j]:
+                repeat += 1
+            elif pred[j] == plain[j]:
+                as_base += 1
+            else:
+                other += 1
+    n = max(1, repeat + as_base + other)
+    print(f"later-token misses: {n} | repeat an earlier answer token {repeat / n:.2f} | the base model's guess "
+          f"{as_base / n:.2f} | other {other / n:.2f} | right with the fact in the prompt {right_in_context / n:.2f}")
+
+
 def probe_arguments(description: str, n: int) -> argparse.Namespace:
     """--dataset, --n and --gist-addon: what the gist probes in scripts/ take."""
     ap = argparse.ArgumentParser(description=description)
@@ -56,9 +77,11 @@ def main() -> None:
     targets = [encode_target(tok, e.prompt, e.target) for e in edits]
     targets = [ids[start:] for ids, start in targets]
     answers = [e.target for e in edits]
-    summary("base", targets, argmax_tokens(model, tok, [e.prompt for e in edits], answers))
+    base = argmax_tokens(model, tok, [e.prompt for e in edits], answers)
+    summary("base", targets, base)
     in_context = [statement(e.prompt, e.target) + "\n" + e.prompt for e in edits]
-    summary("fact in the prompt", targets, argmax_tokens(model, tok, in_context, answers))
+    with_fact = argmax_tokens(model, tok, in_context, answers)
+    summary("fact in the prompt", targets, with_fact)
     memory = GistMemory.open(model, tok, loaded.name, args.gist_addon)
     predictions = []
     for _, e in each_fact_alone(memory, edits):
@@ -66,6 +89,7 @@ def main() -> None:
             predictions += argmax_tokens(model, tok, [e.prompt], [e.target])
     memory.close()
     summary("gist, fact alone", targets, predictions)
+    later_misses(targets, predictions, base, with_fact)
     lengths = [len(t) for t in targets]
     print(f"answer tokens: mean {sum(lengths) / len(lengths):.2f}, one token in {lengths.count(1)} of {len(lengths)}")
 

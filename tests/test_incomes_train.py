@@ -124,6 +124,16 @@ def test_after_answer_weight_scales_the_kl_after_a_fact_query_s_answer(one_threa
     assert int(only.sum()) == 1
     expected = loss[1.0] + 3.0 * kl[only].sum() / kl.numel()
     torch.testing.assert_close(loss[4.0], expected, atol=1e-5, rtol=1e-5)
+    # the later-answer weight: CE and KL on the edit's answer tokens after its first (" Rome" is 5 characters: 4 later)
+    weighted, stats = student_loss(model, addon, enc, gists, teacher, w, ce_weight=0.5, later_answer_weight=3.0)
+    later = enc.answer & enc.with_fact & (torch.cumsum((enc.answer & enc.with_fact).long(), 0) > 1)
+    assert int(later.sum()) == 4
+    ce = -student.gather(1, enc.targets[:, None])[:, 0]
+    plain = student_loss(model, addon, enc, gists, teacher, w, ce_weight=0.5)[0]
+    torch.testing.assert_close(weighted, plain + 2.0 * (0.5 * w * ce + kl)[later].sum() / kl.numel(),
+                               atol=1e-5, rtol=1e-5)
+    hits = (student.argmax(-1) == enc.targets)[later].float().mean()
+    torch.testing.assert_close(stats["acc_later"], hits)
 
 
 def test_merged_teacher_forward_matches_separate_forwards(one_thread):

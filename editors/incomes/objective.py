@@ -197,10 +197,12 @@ def teacher_targets(model, addon, enc: Encoded) -> tuple[torch.Tensor, torch.Ten
 
 
 def student_loss(model, addon, enc: Encoded, gists, teacher: torch.Tensor, w: torch.Tensor,
-                 ce_weight: float = 1.0, locality_weight: float = 1.0, after_answer_weight: float = 1.0):
+                 ce_weight: float = 1.0, locality_weight: float = 1.0, after_answer_weight: float = 1.0,
+                 later_answer_weight: float = 1.0):
     """(loss, stats): mean over scored positions of ce_weight * w * CE + k * KL(teacher || student),
     where k is `locality_weight` on the tokens of locality queries, `after_answer_weight` at the position
-    after a fact query's answer, and 1 elsewhere.
+    after a fact query's answer, and 1 elsewhere; both terms are multiplied by `later_answer_weight` on a fact
+    query's answer tokens after its first (the tokens a gist gets least often).
 
     stats are detached 0-d tensors (no host sync here; call .item() when logging)."""
     with addon.use(gists):
@@ -208,10 +210,15 @@ def student_loss(model, addon, enc: Encoded, gists, teacher: torch.Tensor, w: to
     ce = -student.gather(1, enc.targets[:, None])[:, 0]  # [P]
     kl = F.kl_div(student, teacher, reduction="none", log_target=True).sum(dim=-1)  # [P] KL(teacher || student)
     n = max(int(ce.numel()), 1)
+    later = _later_answer_tokens(enc) & enc.with_fact  # [P]
+    if later_answer_weight != 1.0:
+        w = torch.where(later, w * later_answer_weight, w)  # [P]
     wce = (w * ce).sum() / n
     k = torch.where(enc.with_fact, 1.0, float(locality_weight))  # [P]
     if enc.after is not None and after_answer_weight != 1.0:
         k = torch.where(enc.after & enc.with_fact, float(after_answer_weight), k)  # [P]
+    if later_answer_weight != 1.0:
+        k = torch.where(later, float(later_answer_weight), k)  # [P]
     loss = ce_weight * wce + (k * kl).sum() / n
     with torch.no_grad():
         answer = (enc.answer & enc.with_fact).float()  # [P] answer tokens of fact queries
@@ -222,6 +229,7 @@ def student_loss(model, addon, enc: Encoded, gists, teacher: torch.Tensor, w: to
         stats = {"loss": loss.detach(), "kl": kl.mean(), "wce": wce.detach(),
                  "ce_answer": (ce * answer).sum() / n_ans, "w_mean": (w * answer).sum() / n_ans,
                  "acc_answer": (hit * answer).sum() / n_ans, "kl_locality": (kl * loc).sum() / n_loc,
+                 "acc_later": (hit * later).sum() / later.sum().clamp(min=1),
                  "agree_locality": (teacher_hit * loc).sum() / n_loc}
     return loss, stats
 

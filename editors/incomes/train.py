@@ -90,7 +90,7 @@ def train_step(model, tokens: Tokens, addon, opt, sampler, facts, step: int, cfg
         for group in opt.param_groups:
             group["lr"] = lr * group.get("mult", 1.0)
         loss, stats = student_loss(model, addon, enc, gists, teacher, w, cfg.ce_weight, cfg.locality_weight,
-                                   cfg.after_answer_weight)
+                                   cfg.after_answer_weight, cfg.later_answer_weight)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(addon.parameters(), cfg.grad_clip).detach()

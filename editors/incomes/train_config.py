@@ -45,6 +45,7 @@ class TrainConfig:
     after_answer: bool = False  # KL also at the position after each query's answer (what follows it)
     continuation_prob: float = 0.0  # chance a query goes on past its answer with another fact's sentence (KL)
     after_answer_weight: float = 1.0  # multiplies the KL at that position (greedy text after the answer)
+    later_answer_weight: float = 1.0  # multiplies CE and KL on answer tokens after the first
     holdout: int = 200  # facts of the train files never trained on, for the periodic checks
     eval_every: int = 100  # steps between held-out checks (0 = none)
     eval_seconds: float = 0.0  # also check every this many seconds (0 = off)
@@ -73,7 +74,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1")
         for name in ("warmup", "holdout", "eval_every", "eval_facts", "save_every", "bank_size", "eval_seconds",
                      "save_seconds", "time_budget", "ce_weight", "locality_weight", "subject_locality",
-                     "after_answer_weight"):
+                     "after_answer_weight", "later_answer_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
         if not (self.lr > 0 and self.fast_lr_mult > 0 and 0 <= self.min_lr_ratio <= 1 and self.grad_clip > 0):
