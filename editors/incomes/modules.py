@@ -355,8 +355,8 @@ class GistAddon(nn.Module):
 
     @torch.no_grad()
     def with_gists_per_fact(self, count: int) -> GistAddon:
-        """A copy that appends `count` gists to each fact: the trained ones kept, each new one's embedding
-        starting as a copy of the last trained one (a fresh vector would be far from anything trained)."""
+        """A copy with `count` gists per fact: the trained gists' embeddings kept, each new one's starting as a
+        copy of the last trained one (a fresh vector would be far from anything trained)."""
         old = self.config.gists_per_fact
         if count <= old:
             raise ConfigError(f"gists per fact can only grow from {old}, not to {count}")
