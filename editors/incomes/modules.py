@@ -129,7 +129,8 @@ class GistAttention(nn.Module):
         k = k.repeat_interleave(H // KVH, dim=1)  # [N+1, H, D], head h reads kv head h // (H/KVH)
         att = torch.einsum("bhtd,nhd->bhtn", q, k) * (attn.scaling / temperature)  # [B, H, T, N+1]
         if visible is not None:  # the mention gate: rows a sequence may not read drop out of its softmax
-            visible = visible.repeat_interleave(self.per_fact, dim=1)  # [B, N], a fact's gists go together
+            if self.per_fact > 1:  # a fact's gists are shown or hidden together
+                visible = visible.repeat_interleave(self.per_fact, dim=1)  # [B, N * per_fact]
             keep = F.pad(visible, (1, 0), value=True)[:, None, None, :]  # [B, 1, 1, N+1], zero-gist always
             att = att.masked_fill(~keep, float("-inf"))
         return att.softmax(dim=-1, dtype=torch.float32).to(q.dtype)  # [B, H, T, N+1]
