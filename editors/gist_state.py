@@ -48,13 +48,18 @@ class GistState:
         if missing:
             log.warning("recompressing %d applied gist fact(s) missing from the pool file", len(missing))
             self._compress(missing)
-        if stray or missing:
+        unanswered = {f.id: f.target for f in applied.values()
+                      if f.target and not self.memory.pool.answers_of(f.id)}
+        if unanswered:  # a pool written before the answer copy: the answers' tokens come from the store
+            self.memory.set_answers(unanswered)
+        if stray or missing or unanswered:
             self.memory.save(self.path)
         return len(self.memory)
 
     def _compress(self, facts: Sequence[Fact]) -> None:
         self.memory.add([f.id for f in facts], [f.statement for f in facts], [self._scope(f) for f in facts],
-                        [f.subject for f in facts], prompts=[f.prompt for f in facts])
+                        [f.subject for f in facts], prompts=[f.prompt for f in facts],
+                        answers=[f.target for f in facts])
 
     @staticmethod
     def _scope(fact: Fact) -> str | None:

@@ -244,6 +244,7 @@ class GistMethod(Method):
     mention_gate = True  # a fact's gist is read only by queries that mention its subject (GistMemory)
     relation_gate = True  # ... and ask what its prompt asks (editors/incomes/relation_gate)
     relation_classifier = "default"  # the gate's learned same-relation test (None: MiniLM cosine)
+    answer_copy = True  # a begun answer of a readable fact is finished from its token ids (answer_copy)
 
     def __init__(self, model, tokenizer, model_name: str = "smollm2-135m", gist_addon=None, **kw):
         super().__init__(model, tokenizer)
@@ -257,7 +258,7 @@ class GistMethod(Method):
             from editors.incomes.modules import GistAddon
             from editors.incomes.relation_gate import RelationGate
 
-            gates = {"mention_gate": self.mention_gate,
+            gates = {"mention_gate": self.mention_gate, "answer_copy": self.answer_copy,
                      "relation_gate": RelationGate(self.tokenizer, classifier=self.relation_classifier)
                      if self.relation_gate else None}
             if isinstance(self._addon_source, GistAddon):
@@ -282,7 +283,8 @@ class GistMethod(Method):
         started = time.perf_counter()
         texts = [statement(e.prompt, e.target) for e in case.edits]
         self.memory.add(list(range(self._count, self._count + len(texts))), texts,
-                        subjects=[e.subject for e in case.edits], prompts=[e.prompt for e in case.edits])
+                        subjects=[e.subject for e in case.edits], prompts=[e.prompt for e in case.edits],
+                        answers=[e.target for e in case.edits])
         self._count += len(texts)
         return Learned(seconds=time.perf_counter() - started)
 
@@ -331,6 +333,14 @@ class MentionGistMethod(GistMethod):
     relation_gate = False
 
 
+class NoCopyGistMethod(GistMethod):
+    """The gist pool with both gates and no answer copy: what the gists alone give."""
+
+    name = "gist-nocopy"
+    answer_copy = False
+
+
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Method, FTMMethod, ICEMethod, GistMethod,
                                                               CosineGistMethod, UngatedGistMethod,
-                                                              MentionGistMethod, ICLMethod, RAGMethod)}
+                                                              MentionGistMethod, NoCopyGistMethod, ICLMethod,
+                                                              RAGMethod)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from editors.gist_state import GistState
-from editors.incomes import GistAddon, GistConfig
+from editors.incomes import GistAddon, GistConfig, GistPool
 from editors.incomes.memory import GistMemory
 from editors.model import tiny_llama, tiny_tokenizer
 from memory.facts import FactInput
@@ -59,6 +59,24 @@ def test_missing_pool_file_is_rebuilt_from_the_store(store):
     rebuilt = GistState(store, memory_for(model, tok, addon))
     assert rebuilt.open() == 1 and ids[0] in rebuilt.memory.pool
     rebuilt.memory.close()
+
+
+def test_rows_of_a_pool_written_without_answers_get_them_from_the_store(store):
+    model, tok = tiny_llama(), tiny_tokenizer()
+    addon = GistAddon.for_model(model, GistConfig())
+    ids = store.add_facts([FactInput(prompt="Ann lives in", target="Oslo")]).new_ids
+    state = GistState(store, memory_for(model, tok, addon))
+    state.open()
+    state.add([store.get_fact(i) for i in ids])
+    expected = state.memory.pool.answers_of(ids[0])
+    assert expected and expected[0] == tok(" Oslo", add_special_tokens=False)["input_ids"]
+    state.memory.pool.set_answers(ids[0], [])  # as a pool file from before the answer copy
+    state.memory.save(state.path)
+    state.memory.close()
+    again = GistState(store, memory_for(model, tok, addon))
+    assert again.open() == 1 and again.memory.pool.answers_of(ids[0]) == expected
+    again.memory.close()
+    assert GistPool.load(again.path).answers_of(ids[0]) == expected  # and the file was rewritten with them
 
 
 def test_a_pool_compressed_by_another_addon_is_compressed_again(store, caplog):

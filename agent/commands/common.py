@@ -50,7 +50,8 @@ def open_gist(args, store, loaded, required: bool = False):
     if not required and not store.counts()["edits"].get(GIST, {}).get("applied"):
         return None
     memory = GistMemory.open(loaded.model, loaded.tokenizer, loaded.name, getattr(args, "gist_addon", None),
-                             relation_gate=not getattr(args, "no_relation_gate", False))
+                             relation_gate=not getattr(args, "no_relation_gate", False),
+                             answer_copy=not getattr(args, "no_answer_copy", False))
     gist = GistState(store, memory)
     n = gist.open()
     if n:

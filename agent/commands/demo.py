@@ -70,7 +70,7 @@ def _gist_route(loaded, facts, before: dict[str, str], unrelated_before: list[st
     try:
         start = time.perf_counter()
         memory.add([f.id for f in facts], [f.statement for f in facts], subjects=[f.subject for f in facts],
-                   prompts=[f.prompt for f in facts])
+                   prompts=[f.prompt for f in facts], answers=[f.target for f in facts])
         print(f"   {len(facts)} facts compressed in {time.perf_counter() - start:.2f} s, "
               f"{memory.pool.bytes_per_fact():,} bytes each")
         with memory.reading():

@@ -27,6 +27,8 @@ def _configure_ask(p) -> None:
     p.add_argument("--gist-addon", default=None, help="directory of a trained gist add-on (default: the shipped one)")
     p.add_argument("--no-relation-gate", action="store_true",
                    help="let a query read every pooled fact whose subject it names, whatever it asks about it")
+    p.add_argument("--no-answer-copy", action="store_true",
+                   help="do not finish a begun answer of a readable fact from its stored tokens")
 
 
 COMMANDS = {

@@ -17,7 +17,9 @@ Per forward of the decoder:
 3. upper-layer attention pre-hook: keep (hidden_states, (cos, sin)) for the gist branch; in the
    compression pass, compute the gist position's K (pre-RoPE, after k_norm) and V;
 4. o_proj pre-hook: add the gist branch's output to o_proj's input (per-head, before o_proj);
-5. compression-pass LoRA forward hooks on the target projections, active only while compressing.
+5. compression-pass LoRA forward hooks on the target projections, active only while compressing;
+6. output-embedding hook: the answer copy (editors/incomes/answer_copy) on the rows the gates let a
+   sequence read, when the pool's rows carry answers.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from editors.causal import prompt_parts
+from editors.incomes.answer_copy import DEFAULT_MARGIN, apply_copy, copy_targets
 from editors.incomes.introspect import (GistHookError, attention_of, check_attention_signature,
                                         find_layer_stack, rope_function, split_call)
 
@@ -40,6 +43,7 @@ class BoundPool:
     n: int
     anchors: list[list[str]] = field(default_factory=list)  # per row, anchors as id strings; [] = no gate
     relations: tuple = ()  # per row, the text of what it answers or None; () = no relation gate
+    answers: list[list[str]] = field(default_factory=list)  # per row, answer forms as id strings; [] = no copy
 
 
 def id_string(ids) -> str:
@@ -65,6 +69,11 @@ class GistRuntime:
     # may read; asked once per sequence, when it starts, so a decoding step keeps its sequence's answer
     relation_check: Callable[[list[int], list[int], BoundPool], set[int]] | None = None
     relation_allowed: list[set[int]] | None = None
+    answer_copy: bool = True  # finish an answer a sequence has begun (editors/incomes/answer_copy)
+    copy_margin: float = DEFAULT_MARGIN
+    copy_at: list | None = None  # this forward's (sequence, position, token) copies
+    copy_length: int = 0  # this forward's number of positions (its logits may cover only the last ones)
+    copy_history: list[str] | None = None  # per sequence: all its tokens so far (id string), targets included
 
     def set_pool(self, view, layer_ids: tuple[int, ...]) -> None:
         if view is None or len(view) == 0:
@@ -76,16 +85,18 @@ class GistRuntime:
             raise GistHookError(f"pool view lacks gists for upper layers {missing}")
         kv = {i: (view.keys[layers.index(i)], view.values[layers.index(i)]) for i in layer_ids}
         anchors = [[id_string(a) for a in row] for row in getattr(view, "anchors", ())]
-        self.pool = BoundPool(kv, int(view.keys.shape[1]), anchors, tuple(getattr(view, "relations", ())))
+        answers = [[id_string(a) for a in row] for row in getattr(view, "answers", ())]
+        self.pool = BoundPool(kv, int(view.keys.shape[1]), anchors, tuple(getattr(view, "relations", ())), answers)
         self.relation_allowed = None  # row indices of another view
 
     def new_forward(self) -> None:
-        self.read, self.gist_mask, self.visible, self.readable = None, None, None, None
+        self.read, self.gist_mask, self.visible, self.readable, self.copy_at = None, None, None, None, None
         self.stash.clear()
 
     def clear(self) -> None:
         self.new_forward()
         self.pool, self.capture_at, self.history, self.relation_allowed = None, None, None, None
+        self.copy_history = None
         self.captured.clear()
 
     def gate_by_mention(self, ids: torch.Tensor) -> None:
@@ -107,6 +118,19 @@ class GistRuntime:
                     m[i] = m[i] and (rel is None or not self.pool.anchors[i] or i in allowed)
         self.visible = torch.tensor(mask, dtype=torch.bool, device=ids.device)  # [B, N]
         self.readable = [sum(row) for row in mask]  # counted here once, not on the device in every layer
+        if self.answer_copy and self.pool.answers and self.capture_at is None:
+            self.find_copies(ids, mask, continuing)
+
+    def find_copies(self, ids: torch.Tensor, mask: list[list[bool]], continuing: bool) -> None:
+        """Set `copy_at` for this forward: where a sequence (all its tokens, a teacher-forced target's too:
+        a position's logits depend only on the tokens up to it) has begun the answer of a row it may read."""
+        now = [id_string(r) for r in ids.tolist()]
+        before = self.copy_history if continuing and self.copy_history is not None else [""] * len(now)
+        self.copy_history = [b + n for b, n in zip(before, now)]
+        readable = [[i for i, ok in enumerate(m) if ok and self.pool.anchors[i] and self.pool.answers[i]]
+                    for m in mask]
+        self.copy_length = ids.shape[-1]
+        self.copy_at = copy_targets(self.copy_history, [len(b) for b in before], self.pool.answers, readable)
 
     def _relation_allowed(self, seq: list[int], mentioned: list[bool]) -> set[int]:
         rows = [i for i, ok in enumerate(mentioned) if ok and self.pool.anchors[i] and self.pool.relations[i]]
@@ -131,6 +155,9 @@ def install(addon, model: nn.Module) -> list:
         for name in addon.config.compress_targets if len(addon.compress_lora) else ():
             lora = addon.compress_lora[f"{idx}_{name}"]
             handles.append(getattr(attn, name).register_forward_hook(_compress_lora(rt, lora)))
+    head = model.get_output_embeddings()
+    if head is not None:
+        handles.append(head.register_forward_hook(_answer_copy(rt)))
     return handles
 
 
@@ -226,6 +253,15 @@ def _o_proj_pre(addon, idx: int, attn: nn.Module):
         readable = bound.n if rt.readable is None else rt.readable  # the pool's size, or rows per sequence
         out = branch(attn, hidden, cos_sin, y, keys, values, rt.read, addon.temperature(readable), rt.visible)
         return (out, *args[1:])
+
+    return hook
+
+
+def _answer_copy(rt: GistRuntime):
+    def hook(module, args, output):
+        if not rt.copy_at or not torch.is_tensor(output) or output.dim() != 3:
+            return None  # no copy this forward: the logits are the model's own
+        return apply_copy(output, rt.copy_at, rt.copy_length, rt.copy_margin)
 
     return hook
 

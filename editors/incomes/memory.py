@@ -15,6 +15,9 @@ never name the subject (multi-hop, aliases) cannot read the fact: that is the pr
 The relation gate (on by default in `open`): of the facts a query mentions, the query reads
 only those whose prompt asks what the query's sentence asks (editors/incomes/relation_gate), so "The taxon
 rank of X is" leaves the gist of "Which family does X belong to?" unread.
+
+The answer copy (on by default): each row keeps its fact's answer as token ids, and once a query the
+gates let read the row has begun that answer, the answer's next token wins (editors/incomes/answer_copy).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from editors.incomes.answer_copy import answer_forms
 from editors.incomes.compress import add_gist_token, compress_texts
 from editors.incomes.modules import CONFIG_FILE, GistAddon
 from editors.incomes.pool import GistPool
@@ -42,20 +46,23 @@ def default_addon_dir(model_name: str) -> Path | None:
 
 class GistMemory:
     def __init__(self, model, tokenizer, addon: GistAddon, compress_batch: int = 32, mention_gate: bool = True,
-                 relation_gate: RelationGate | None = None):
+                 relation_gate: RelationGate | None = None, answer_copy: bool = True):
         self.model, self.tokenizer, self.addon = model, tokenizer, addon
         self.compress_batch, self.mention_gate = compress_batch, mention_gate
         self.relation_gate = relation_gate if mention_gate else None  # it narrows the mention gate
         addon.attach(model, add_gist_token(tokenizer))
         addon.runtime.relation_check = self.relation_gate
+        addon.runtime.answer_copy = answer_copy  # it copies only on rows the gates let a query read
         self.pool = GistPool.for_addon(addon)
         self._fingerprint: str | None = None
 
     @classmethod
     def open(cls, model, tokenizer, model_name: str, addon_dir: str | Path | None = None,
-             mention_gate: bool = True, relation_gate: RelationGate | bool = True) -> "GistMemory":
+             mention_gate: bool = True, relation_gate: RelationGate | bool = True,
+             answer_copy: bool = True) -> "GistMemory":
         """Load the add-on for `model_name` (or from `addon_dir`); a clear error when there is none. The
-        relation gate is on unless `relation_gate=False` (True: the default RelationGate)."""
+        relation gate is on unless `relation_gate=False` (True: the default RelationGate), the answer copy
+        unless `answer_copy=False`."""
         if addon_dir and not Path(addon_dir).is_dir():
             raise ConfigError(f"gist add-on directory {addon_dir} does not exist")
         directory = Path(addon_dir) if addon_dir else default_addon_dir(model_name)
@@ -65,17 +72,19 @@ class GistMemory:
         if relation_gate is True:
             relation_gate = RelationGate(tokenizer)
         return cls(model, tokenizer, GistAddon.load(directory, model), mention_gate=mention_gate,
-                   relation_gate=relation_gate or None)
+                   relation_gate=relation_gate or None, answer_copy=answer_copy)
 
     def __len__(self) -> int:
         return len(self.pool)
 
     def add(self, fact_ids: Sequence, texts: Sequence[str], scopes: str | None | Sequence[str | None] = None,
-            subjects: Sequence[str | None] | None = None, prompts: Sequence[str | None] | None = None) -> None:
+            subjects: Sequence[str | None] | None = None, prompts: Sequence[str | None] | None = None,
+            answers: Sequence[str | None] | None = None) -> None:
         """Compress `texts` and append one row per fact; the other rows are never recomputed.
 
         With the mention gate on, each fact's subject (if any) becomes its anchors, and its prompt (else its
-        text) the relation text that the relation gate compares queries with."""
+        text) the relation text that the relation gate compares queries with. Each fact's answer (its
+        target, if given) is kept as token ids for the answer copy (editors/incomes/answer_copy)."""
         if not texts:
             return
         gists = compress_texts(self.model, self.tokenizer, self.addon, list(texts), batch_size=self.compress_batch)
@@ -84,7 +93,8 @@ class GistMemory:
         if anchors is not None:  # kept with the row even while no relation gate reads them
             asked = prompts if prompts is not None else [None] * len(texts)
             relations = [relation_text(p or t, s) if s else None for p, t, s in zip(asked, texts, subjects)]
-        self.pool.append(list(fact_ids), gists, scopes=scopes, anchors=anchors, relations=relations)
+        forms = [answer_forms(self.tokenizer, a) for a in answers] if answers is not None else None
+        self.pool.append(list(fact_ids), gists, scopes=scopes, anchors=anchors, relations=relations, answers=forms)
 
     def anchors(self, subject: str | None) -> list[list[int]]:
         """The token-id sequences by which a query mentions `subject`: at the start of a text or after a
@@ -103,6 +113,11 @@ class GistMemory:
 
     def remove(self, fact_id) -> None:
         self.pool.remove(fact_id)
+
+    def set_answers(self, answers: dict) -> None:
+        """Give rows their fact's answer (fact id -> answer text) for the answer copy."""
+        for fact_id, answer in answers.items():
+            self.pool.set_answers(fact_id, answer_forms(self.tokenizer, answer))
 
     @contextmanager
     def reading(self, user_id: str | None = None):
@@ -132,4 +147,5 @@ class GistMemory:
 
     def close(self) -> None:
         self.addon.runtime.relation_check = None
+        self.addon.runtime.answer_copy = True
         self.addon.detach()

@@ -8,10 +8,11 @@ every chat) or a user_id (visible only to that user's chats); `view(user_id)` is
 A row may also carry **anchors**: token-id sequences (its subject, as the tokenizer writes it). A row with
 anchors is visible to a query only when the query's tokens contain one of them (the mention gate, see
 GistMemory); a row without anchors is visible to every query. A row may carry a **relation** too: the text of what it
-answers ("Which family does Epaspidoceras belong to?"), for the relation gate (editors/incomes/relation_gate).
+answers ("Which family does Epaspidoceras belong to?"), for the relation gate (editors/incomes/relation_gate),
+and **answers**: the token-id sequences of its answer, for the answer copy (editors/incomes/answer_copy).
 
 On disk a pool is one safetensors file: the tensors plus, in its header metadata, the JSON of fact
-ids, scopes, anchors, relations and shapes. One file written whole by memory.atomic (temp name, fsync, rename): a crash
+ids, scopes, anchors, relations, answers and shapes. One file written whole by memory.atomic (temp name, fsync, rename): a crash
 leaves the old pool or the new one, never a mix of tensors and ids.
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ class PoolView:
     fact_ids: tuple
     anchors: tuple = ()  # per row: a tuple of token-id tuples, or () (always visible); empty: none anywhere
     relations: tuple = ()  # per row: the text of what it answers, or None; empty: none anywhere
+    answers: tuple = ()  # per row: a tuple of token-id tuples (its answer as tokenized), or (); empty: none anywhere
 
     def __len__(self) -> int:
         return len(self.fact_ids)
@@ -61,6 +63,7 @@ class GistPool:
         self._scopes: list[str | None] = []
         self._anchors: list[list[list[int]]] = []
         self._relations: list[str | None] = []
+        self._answers: list[list[list[int]]] = []
         self._version = 0
         self._views: dict = {}
 
@@ -84,19 +87,26 @@ class GistPool:
     def scope_of(self, fact_id) -> str | None:
         return self._scopes[self._row(fact_id)]
 
+    def answers_of(self, fact_id) -> list[list[int]]:
+        return self._answers[self._row(fact_id)]
+
+    def set_answers(self, fact_id, forms: Sequence[Sequence[int]]) -> None:
+        """Give a row its answer's token ids (rows of pools written before the answer copy have none)."""
+        self._answers[self._row(fact_id)] = _id_lists([forms], 1, "answer")[0]
+        self._touch()
+
     def append(self, fact_ids: Sequence[Hashable], gists, scopes: str | None | Sequence[str | None] = None,
                anchors: Sequence[Sequence[Sequence[int]]] | None = None,
-               relations: Sequence[str | None] | None = None) -> None:
+               relations: Sequence[str | None] | None = None,
+               answers: Sequence[Sequence[Sequence[int]]] | None = None) -> None:
         """Add one row per fact. `gists` has .layers and .keys/.values [L, N, KVH, D] (CompressedGists);
         `anchors`, when given, holds per fact the token-id sequences that make it visible (empty: always);
-        `relations` per fact the text of what it answers (None: no relation gate for that row)."""
+        `relations` per fact the text of what it answers (None: no relation gate for that row); `answers` per
+        fact the token-id sequences of its answer (empty: no answer copy for that row)."""
         fact_ids = list(fact_ids)
         n = len(fact_ids)
         scopes = [scopes] * n if scopes is None or isinstance(scopes, str) else list(scopes)
-        anchors = [[] for _ in fact_ids] if anchors is None else [[[int(t) for t in a] for a in row if len(a)]
-                                                                   for row in anchors]
-        if len(anchors) != n:
-            raise ValidationError(f"{len(anchors)} anchor lists for {n} facts")
+        anchors, answers = _id_lists(anchors, n, "anchor"), _id_lists(answers, n, "answer")
         relations = [None] * n if relations is None else [r if r and isinstance(r, str) else None for r in relations]
         if len(relations) != n:
             raise ValidationError(f"{len(relations)} relations for {n} facts")
@@ -112,6 +122,7 @@ class GistPool:
         self._scopes.extend(scopes)
         self._anchors.extend(anchors)
         self._relations.extend(relations)
+        self._answers.extend(answers)
         self._touch()
 
     def remove(self, fact_id) -> None:
@@ -121,7 +132,7 @@ class GistPool:
         index = torch.tensor(keep, dtype=torch.long, device=self.device)  # handed out stay valid
         self._keys = self._keys.index_select(1, index)  # [L, capacity-1, KVH, D]
         self._values = self._values.index_select(1, index)
-        del self._ids[row], self._scopes[row], self._anchors[row], self._relations[row]
+        del self._ids[row], self._scopes[row], self._anchors[row], self._relations[row], self._answers[row]
         self._touch()
 
     # -- views ------------------------------------------------------------------------------------
@@ -156,7 +167,7 @@ class GistPool:
         meta = {"format": POOL_FORMAT, "layers": list(self.layers), "n_kv_heads": self.n_kv_heads,
                 "head_dim": self.head_dim, "dtype": str(self.dtype).removeprefix("torch."), "tag": self.tag,
                 "fact_ids": self._ids, "scopes": self._scopes, "anchors": self._anchors,
-                "relations": self._relations}
+                "relations": self._relations, "answers": self._answers}
         tensors = {"keys": self._keys[:, :n].contiguous().cpu(), "values": self._values[:, :n].contiguous().cpu()}
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)}))
         log.debug("saved gist pool of %d facts to %s", n, path)
@@ -179,7 +190,7 @@ class GistPool:
         from editors.incomes.compress import CompressedGists
 
         pool.append(meta["fact_ids"], CompressedGists(pool.layers, keys, values), meta["scopes"],
-                    meta.get("anchors"), meta.get("relations"))  # older pools have neither
+                    meta.get("anchors"), meta.get("relations"), meta.get("answers"))  # older pools lack some
         return pool
 
     # -- internals --------------------------------------------------------------------------------
@@ -233,7 +244,18 @@ class GistPool:
             keys, values = self._keys.index_select(1, index), self._values.index_select(1, index)
         anchors = tuple(tuple(tuple(a) for a in self._anchors[i]) for i in rows)
         relations = tuple(self._relations[i] for i in rows)
-        view = PoolView(self.layers, keys, values, tuple(self._ids[i] for i in rows),
-                        anchors if any(anchors) else (), relations if any(relations) else ())
+        answers = tuple(tuple(tuple(a) for a in self._answers[i]) for i in rows)
+        view = PoolView(self.layers, keys, values, tuple(self._ids[i] for i in rows), anchors if any(anchors) else (),
+                        relations if any(relations) else (), answers if any(answers) else ())
         self._views[key] = view
         return view
+
+
+def _id_lists(rows: Sequence[Sequence[Sequence[int]]] | None, n: int, what: str) -> list[list[list[int]]]:
+    """Per fact, its non-empty token-id sequences as lists of ints ([] per fact when `rows` is None)."""
+    if rows is None:
+        return [[] for _ in range(n)]
+    out = [[[int(t) for t in seq] for seq in row if len(seq)] for row in rows]
+    if len(out) != n:
+        raise ValidationError(f"{len(out)} {what} lists for {n} facts")
+    return out

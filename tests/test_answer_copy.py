@@ -1,0 +1,103 @@
+"""The answer copy: a begun answer of a fact the gates let a query read is finished from its stored tokens."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editors.incomes import GistAddon, GistConfig, GistPool
+from editors.incomes.answer_copy import apply_copy, copy_targets
+from editors.incomes.hooks import id_string
+from editors.incomes.memory import GistMemory
+from editors.model import tiny_llama, tiny_tokenizer
+
+FACTS = ["The capital of Zorbia is Quellton.", "The river of Vantor is the Mizz."]
+SUBJECTS, ANSWERS = ["Zorbia", "Vantor"], ["Quellton", "the Mizz"]
+
+
+def s(*ids: int) -> str:
+    return id_string(ids)
+
+
+def test_the_longest_begun_answer_claims_a_position_and_only_this_forwards_positions_count():
+    answers = [[s(1, 2, 3)], [s(2, 9)]]
+    # the sequence so far is 7 1 | 2 5 1 2 (this forward starts at index 2)
+    found = copy_targets([s(7, 1, 2, 5, 1, 2)], [2], answers, [[0, 1]])
+    # index 2 (token 2 after 1): row 0's prefix (1, 2) beats row 1's (2,); index 4 (token 1): row 0 -> 2;
+    # index 5 (token 2 after 1): row 0 -> 3; index 1 (token 1) lies in an earlier forward
+    assert found == [(0, 0, 3), (0, 2, 2), (0, 3, 3)]
+    assert copy_targets([s(7, 1, 2, 5, 1, 2)], [2], answers, [[1]]) == [(0, 0, 9), (0, 3, 9)]
+    assert copy_targets([s(7, 1, 2)], [0], answers, [[]]) == []  # a row it may not read never copies
+
+
+def test_apply_copy_makes_the_answer_token_the_argmax_and_maps_positions_when_only_the_last_are_computed():
+    logits = torch.zeros(2, 3, 10)
+    logits[:, :, 0] = 4.0
+    out = apply_copy(logits, [(1, 2, 7)], forward_length=3, margin=5.0)
+    assert out[1, 2].argmax().item() == 7 and out[1, 2, 7].item() == pytest.approx(9.0)
+    assert torch.equal(out[0], logits[0]) and torch.equal(out[1, :2], logits[1, :2])
+    last = apply_copy(logits[:, -1:], [(1, 2, 7), (0, 0, 5)], forward_length=3)  # logits of the last position
+    assert last.shape == (2, 1, 10) and last[1, 0].argmax().item() == 7 and torch.equal(last[0], logits[0, -1:])
+    assert apply_copy(logits[:, -1:], [(0, 1, 5)], forward_length=3) is None
+
+
+def memory() -> GistMemory:
+    model = tiny_llama(seed=1).eval()
+    model.requires_grad_(False)
+    addon = GistAddon.for_model(model, GistConfig(adapter_rank=4, zero_key_init_std=0.1, gate_init=1.0))
+    mem = GistMemory(model, tiny_tokenizer(), addon)
+    mem.add([1, 2], FACTS, subjects=SUBJECTS, answers=ANSWERS)
+    return mem
+
+
+def logits(mem: GistMemory, text: str, read: bool = True) -> torch.Tensor:
+    ids = mem.tokenizer(text, return_tensors="pt")["input_ids"]
+    if not read:
+        return mem.model(ids).logits[0]
+    with mem.reading():
+        return mem.model(ids).logits[0]
+
+
+@pytest.fixture(scope="module")
+def copying():
+    mem = memory()
+    yield mem
+    mem.close()
+
+
+def test_a_begun_answer_of_a_readable_fact_is_finished(copying):
+    tok = copying.tokenizer
+    text = "The capital of Zorbia is Quel"  # the answer's prefix " Quel": its next token is "l"
+    out = logits(copying, text)
+    copying.addon.runtime.answer_copy = False
+    try:
+        alone = logits(copying, text)
+    finally:
+        copying.addon.runtime.answer_copy = True
+    assert out[-1].argmax().item() == tok("l", add_special_tokens=False)["input_ids"][0]
+    assert out[-1].amax().item() == pytest.approx(alone[-1].amax().item() + 5.0)
+    assert torch.equal(out[-6], alone[-6])  # "s" of "is" begins no answer: the gist's logits as they were
+
+
+def test_a_query_that_names_no_subject_never_copies(copying):
+    text = "The capital of Blargland is Quel"
+    assert torch.equal(logits(copying, text), logits(copying, text, read=False))
+
+
+def test_decoding_steps_copy_from_the_tokens_of_earlier_steps(copying):
+    from editors.prefix_cache import cache_kwarg, cache_of
+
+    model, tok = copying.model, copying.tokenizer
+    ids = tok("The capital of Zorbia is Que", return_tensors="pt")["input_ids"]
+    with copying.reading():
+        cache = cache_of(model(ids[:, :-2], use_cache=True))
+        model(ids[:, -2:-1], use_cache=True, **{cache_kwarg(model): cache})
+        step = model(ids[:, -1:], use_cache=True, **{cache_kwarg(model): cache}).logits[0, -1]
+    assert step.argmax().item() == tok("l", add_special_tokens=False)["input_ids"][0]
+    assert torch.allclose(step, logits(copying, "The capital of Zorbia is Que")[-1], atol=1e-4)
+
+
+def test_answers_are_saved_and_loaded_with_the_pool(copying, tmp_path):
+    path = copying.pool.save(tmp_path / "pool.safetensors")
+    again = GistPool.load(path)
+    assert again.view_all().answers == copying.pool.view_all().answers
+    assert again.view_all().answers[0][0] == tuple(copying.tokenizer(" Quellton", add_special_tokens=False)["input_ids"])
