@@ -1,6 +1,7 @@
 """Where the gist falls short of the fact in context: teacher-forced accuracy on the answer's first token and on
 its later tokens, for the base model, the model with the one fact in its prompt, and the gist pool holding
-that fact alone (both gates on).
+that fact alone (both gates on, no answer copy: the facts are added without their answers, so this measures
+what the gists themselves give).
 
     python scripts/gist_token_positions.py [--dataset ../shared/data/knowedit/ZsRE-test-all.json] [--n 100]
         [--gist-addon DIR]
@@ -60,7 +61,7 @@ def probe_arguments(description: str, n: int) -> argparse.Namespace:
 
 def each_fact_alone(memory: GistMemory, edits):
     """Yields (i, edit) with that edit's fact alone in the pool (added before, removed after), as
-    `engram eval` writes a learned fact (its subject and prompt feed the gates)."""
+    `engram eval` writes a learned fact (its subject and prompt feed the gates), less its answer: no copy."""
     for i, edit in enumerate(edits):
         memory.add([i], [statement(edit.prompt, edit.target)], subjects=[edit.subject], prompts=[edit.prompt])
         try:

@@ -35,3 +35,17 @@ def test_ingest_to_the_pool_then_ask(tmp_path, capsys):
     base_other = ask(capsys, empty, OTHER_RELATION)
     assert ask(capsys, db, OTHER_RELATION) == base_other
     assert ask(capsys, db, OTHER_RELATION, "--no-relation-gate") != base_other  # the mention gate alone reads it
+
+
+def test_the_answer_copy_finishes_a_made_up_name_the_gist_began(tmp_path, capsys):
+    """A two-word made-up answer: the gist gives its first token, the stored answer tokens the rest."""
+    fact = {"prompt": "The capital of Zorbia is", "target": "Quellmarsh Tavendor", "subject": "Zorbia"}
+    db = f"sqlite:///{tmp_path / 's.sqlite'}"
+    path = tmp_path / "facts.jsonl"
+    path.write_text(json.dumps(fact) + "\n")
+    assert main(["ingest", str(path), "--db", db, "--route", "gist", "--json"]) == 0
+    capsys.readouterr()
+    alone = ask(capsys, db, fact["prompt"], "--no-answer-copy")
+    copied = ask(capsys, db, fact["prompt"])
+    assert alone.startswith("Qu") and "Quellmarsh Tavendor" not in alone  # begun by the gist, not finished
+    assert copied.startswith("Quellmarsh Tavendor")
