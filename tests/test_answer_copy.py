@@ -29,6 +29,13 @@ def test_the_longest_begun_answer_claims_a_position_and_only_this_forwards_posit
     assert copy_targets([s(7, 1, 2)], [0], answers, [[]]) == []  # a row it may not read never copies
 
 
+def test_an_answer_is_finished_once():
+    answers = [[s(1, 2, 3)]]
+    # 1 2 3 completes the answer at index 2: the "1 2" after it begins nothing more
+    assert copy_targets([s(1, 2, 3, 5, 1, 2)], [0], answers, [[0]]) == [(0, 0, 2), (0, 1, 3)]
+    assert copy_targets([s(5, 1, 2)], [0], answers, [[0]]) == [(0, 1, 2), (0, 2, 3)]
+
+
 def test_apply_copy_makes_the_answer_token_the_argmax_and_maps_positions_when_only_the_last_are_computed():
     logits = torch.zeros(2, 3, 10)
     logits[:, :, 0] = 4.0

@@ -17,7 +17,9 @@ raises edit success by its later tokens alone; greedy generation (`*_gen` scores
 the model must begin the answer itself.
 
 An answer is matched as token ids, in the forms the tokenizer writes it (after a space and at the start of a
-text), longest prefix first; when two rows claim a position, the longer match wins, then the earlier row.
+text), longest prefix first; when two rows claim a position, the longer match wins, then the earlier row. An
+answer is finished once: after a sequence holds a row's whole answer, that row copies no more, so a model that
+starts the name over ("Noctuidae Noctuidae ...") is not pushed through it again.
 """
 from __future__ import annotations
 
@@ -52,10 +54,12 @@ def copy_targets(texts: Sequence[str], starts: Sequence[int], answers: Sequence[
     for b, (text, start, rows) in enumerate(zip(texts, starts, readable)):
         claims: dict[int, tuple[int, int]] = {}  # position in text -> (prefix length, token id)
         for row in rows:
+            whole = [text.find(form) for form in answers[row]]
+            done = min((at + len(form) - 1 for at, form in zip(whole, answers[row]) if at != -1), default=len(text))
             for form in answers[row]:
                 for i in range(1, len(form)):
                     prefix, at = form[:i], text.find(form[:i], max(0, start - i + 1))
-                    while at != -1:
+                    while at != -1 and at + i - 1 < done:
                         end = at + i - 1  # the position whose next token is form[i]
                         if end >= start and i > claims.get(end, (0, 0))[0]:
                             claims[end] = (i, ord(form[i]))
