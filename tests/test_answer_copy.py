@@ -34,6 +34,9 @@ def test_an_answer_is_finished_once():
     # 1 2 3 completes the answer at index 2: the "1 2" after it begins nothing more
     assert copy_targets([s(1, 2, 3, 5, 1, 2)], [0], answers, [[0]]) == [(0, 0, 2), (0, 1, 3)]
     assert copy_targets([s(5, 1, 2)], [0], answers, [[0]]) == [(0, 1, 2), (0, 2, 3)]
+    # the whole answer inside the prompt (its first 4 tokens) finishes nothing: the answer after it is copied
+    assert copy_targets([s(1, 2, 3, 5, 1, 2)], [0], answers, [[0]], [4]) == [(0, 0, 2), (0, 1, 3), (0, 4, 2),
+                                                                               (0, 5, 3)]
 
 
 def test_apply_copy_makes_the_answer_token_the_argmax_and_maps_positions_when_only_the_last_are_computed():

@@ -18,8 +18,9 @@ the model must begin the answer itself.
 
 An answer is matched as token ids, in the forms the tokenizer writes it (after a space and at the start of a
 text), longest prefix first; when two rows claim a position, the longer match wins, then the earlier row. An
-answer is finished once: after a sequence holds a row's whole answer, that row copies no more, so a model that
-starts the name over ("Noctuidae Noctuidae ...") is not pushed through it again.
+answer is finished once: after a sequence holds a row's whole answer past its prompt, that row copies no more,
+so a model that starts the name over ("Noctuidae Noctuidae ...", "2002" then "2" again) is not pushed through it
+again. The prompt's own text does not count ("What is an ecological status of Bali myna?" holds " myna").
 """
 from __future__ import annotations
 
@@ -44,17 +45,19 @@ def answer_forms(tokenizer, answer: str | None) -> list[list[int]]:
 
 
 def copy_targets(texts: Sequence[str], starts: Sequence[int], answers: Sequence[Sequence[str]],
-                 readable: Sequence[Sequence[int]]) -> list[tuple[int, int, int]]:
+                 readable: Sequence[Sequence[int]], prompt_ends: Sequence[int] | None = None) -> list[tuple[int, int, int]]:
     """(sequence, position in this forward, token id) for every position where a copy applies.
 
     `texts`: per sequence, its token ids so far as an id string (hooks.id_string), this forward's last;
     `starts`: where this forward's tokens begin in it; `answers`: per pool row, its answer forms as id
-    strings; `readable`: per sequence, the rows it may read."""
+    strings; `readable`: per sequence, the rows it may read; `prompt_ends`: per sequence, where its prompt
+    ends (an answer whole inside the prompt is not a finished one; None: at the start)."""
     out = []
     for b, (text, start, rows) in enumerate(zip(texts, starts, readable)):
         claims: dict[int, tuple[int, int]] = {}  # position in text -> (prefix length, token id)
+        prompt_end = prompt_ends[b] if prompt_ends is not None else 0
         for row in rows:
-            whole = [text.find(form) for form in answers[row]]
+            whole = [text.find(form, max(0, prompt_end - len(form) + 1)) for form in answers[row]]
             done = min((at + len(form) - 1 for at, form in zip(whole, answers[row]) if at != -1), default=len(text))
             for form in answers[row]:
                 for i in range(1, len(form)):

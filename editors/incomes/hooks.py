@@ -74,6 +74,7 @@ class GistRuntime:
     copy_at: list | None = None  # this forward's (sequence, position, token) copies
     copy_length: int = 0  # this forward's number of positions (its logits may cover only the last ones)
     copy_history: list[str] | None = None  # per sequence: all its tokens so far (id string), targets included
+    copy_prompt_ends: list[int] | None = None  # per sequence: where its prompt ends in copy_history
 
     def set_pool(self, view, layer_ids: tuple[int, ...]) -> None:
         if view is None or len(view) == 0:
@@ -119,18 +120,23 @@ class GistRuntime:
         self.visible = torch.tensor(mask, dtype=torch.bool, device=ids.device)  # [B, N]
         self.readable = [sum(row) for row in mask]  # counted here once, not on the device in every layer
         if self.answer_copy and self.pool.answers and self.capture_at is None:
-            self.find_copies(ids, mask, continuing)
+            self.find_copies(ids, mask, continuing, [len(r) for r in id_lists])
 
-    def find_copies(self, ids: torch.Tensor, mask: list[list[bool]], continuing: bool) -> None:
+    def find_copies(self, ids: torch.Tensor, mask: list[list[bool]], continuing: bool, prompts: list[int]) -> None:
         """Set `copy_at` for this forward: where a sequence (all its tokens, a teacher-forced target's too:
-        a position's logits depend only on the tokens up to it) has begun the answer of a row it may read."""
+        a position's logits depend only on the tokens up to it) has begun the answer of a row it may read.
+        `prompts`: the length of each row's prompt part in this forward (all of it outside teacher forcing)."""
         now = [id_string(r) for r in ids.tolist()]
-        before = self.copy_history if continuing and self.copy_history is not None else [""] * len(now)
+        fresh = not continuing or self.copy_history is None
+        before = [""] * len(now) if fresh else self.copy_history
+        if fresh:
+            self.copy_prompt_ends = prompts  # an answer written inside the prompt is not one the copy finished
         self.copy_history = [b + n for b, n in zip(before, now)]
         readable = [[i for i, ok in enumerate(m) if ok and self.pool.anchors[i] and self.pool.answers[i]]
                     for m in mask]
         self.copy_length = ids.shape[-1]
-        self.copy_at = copy_targets(self.copy_history, [len(b) for b in before], self.pool.answers, readable)
+        self.copy_at = copy_targets(self.copy_history, [len(b) for b in before], self.pool.answers, readable,
+                                    self.copy_prompt_ends)
 
     def _relation_allowed(self, seq: list[int], mentioned: list[bool]) -> set[int]:
         rows = [i for i, ok in enumerate(mentioned) if ok and self.pool.anchors[i] and self.pool.relations[i]]
