@@ -4,14 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editors.incomes import GistAddon, GistConfig, GistPool
+from editors.incomes import GistPool
 from editors.incomes.answer_copy import apply_copy, copy_targets
 from editors.incomes.hooks import id_string
 from editors.incomes.memory import GistMemory
-from editors.model import tiny_llama, tiny_tokenizer
-
-FACTS = ["The capital of Zorbia is Quellton.", "The river of Vantor is the Mizz."]
-SUBJECTS, ANSWERS = ["Zorbia", "Vantor"], ["Quellton", "the Mizz"]
+from tests.test_gist_gate import logits as gate_logits
+from tests.test_gist_gate import memory as gated_memory
 
 
 def s(*ids: int) -> str:
@@ -50,26 +48,14 @@ def test_apply_copy_makes_the_answer_token_the_argmax_and_maps_positions_when_on
     assert apply_copy(logits[:, -1:], [(0, 1, 5)], forward_length=3) is None
 
 
-def memory() -> GistMemory:
-    model = tiny_llama(seed=1).eval()
-    model.requires_grad_(False)
-    addon = GistAddon.for_model(model, GistConfig(adapter_rank=4, zero_key_init_std=0.1, gate_init=1.0))
-    mem = GistMemory(model, tiny_tokenizer(), addon)
-    mem.add([1, 2], FACTS, subjects=SUBJECTS, answers=ANSWERS)
-    return mem
-
-
 def logits(mem: GistMemory, text: str, read: bool = True) -> torch.Tensor:
-    ids = mem.tokenizer(text, return_tensors="pt")["input_ids"]
-    if not read:
-        return mem.model(ids).logits[0]
-    with mem.reading():
-        return mem.model(ids).logits[0]
+    return gate_logits(mem, text, read)[0]  # [T, V]
 
 
 @pytest.fixture(scope="module")
 def copying():
-    mem = memory()
+    mem = gated_memory()  # "The capital of Zorbia is Quellton." and "The river of Vantor is the Mizz."
+    mem.set_answers({1: "Quellton", 2: "the Mizz"})
     yield mem
     mem.close()
 

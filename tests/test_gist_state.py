@@ -47,13 +47,19 @@ def test_add_persist_reconcile_and_remove(store):
     third.memory.close()
 
 
-def test_missing_pool_file_is_rebuilt_from_the_store(store):
+def one_gist_fact(store):
+    """A store with one fact, "Ann lives in Oslo", in the pool of a fresh add-on: (model, tok, addon, ids, state)."""
     model, tok = tiny_llama(), tiny_tokenizer()
     addon = GistAddon.for_model(model, GistConfig())
     ids = store.add_facts([FactInput(prompt="Ann lives in", target="Oslo")]).new_ids
     state = GistState(store, memory_for(model, tok, addon))
     state.open()
     state.add([store.get_fact(ids[0])])
+    return model, tok, addon, ids, state
+
+
+def test_missing_pool_file_is_rebuilt_from_the_store(store):
+    model, tok, addon, ids, state = one_gist_fact(store)
     state.memory.close()
     state.path.unlink()
     rebuilt = GistState(store, memory_for(model, tok, addon))
@@ -62,12 +68,7 @@ def test_missing_pool_file_is_rebuilt_from_the_store(store):
 
 
 def test_rows_of_a_pool_written_without_answers_get_them_from_the_store(store):
-    model, tok = tiny_llama(), tiny_tokenizer()
-    addon = GistAddon.for_model(model, GistConfig())
-    ids = store.add_facts([FactInput(prompt="Ann lives in", target="Oslo")]).new_ids
-    state = GistState(store, memory_for(model, tok, addon))
-    state.open()
-    state.add([store.get_fact(i) for i in ids])
+    model, tok, addon, ids, state = one_gist_fact(store)
     expected = state.memory.pool.answers_of(ids[0])
     assert expected and expected[0] == tok(" Oslo", add_special_tokens=False)["input_ids"]
     state.memory.pool.set_answers(ids[0], [])  # as a pool file from before the answer copy
