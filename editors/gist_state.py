@@ -48,8 +48,8 @@ class GistState:
         if missing:
             log.warning("recompressing %d applied gist fact(s) missing from the pool file", len(missing))
             self._compress(missing)
-        unanswered = {f.id: f.target for f in applied.values()
-                      if f.target and not self.memory.pool.answers_of(f.id)}
+        bare = self.memory.pool.without_answers()
+        unanswered = {f.id: f.target for f in applied.values() if f.target and f.id in bare}
         if unanswered:  # a pool written before the answer copy: the answers' tokens come from the store
             self.memory.set_answers(unanswered)
         if stray or missing or unanswered:

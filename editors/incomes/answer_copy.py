@@ -31,17 +31,20 @@ import torch
 DEFAULT_MARGIN = 5.0  # nats above the position's best logit: the copied token's probability is >= 0.99
 
 
-def answer_forms(tokenizer, answer: str | None) -> list[list[int]]:
-    """The token-id sequences of `answer` as a continuation (" Noctuidae") and at a text's start."""
-    answer = " ".join((answer or "").split())
-    if not answer:
-        return []
+def token_forms(tokenizer, texts) -> list[list[int]]:
+    """The distinct non-empty token-id sequences of `texts`, in order (no special tokens)."""
     out = []
-    for text in (" " + answer, answer):
+    for text in texts:
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         if ids and ids not in out:
             out.append(ids)
     return out
+
+
+def answer_forms(tokenizer, answer: str | None) -> list[list[int]]:
+    """The token-id sequences of `answer` as a continuation (" Noctuidae") and at a text's start."""
+    answer = " ".join((answer or "").split())
+    return token_forms(tokenizer, (" " + answer, answer)) if answer else []
 
 
 def copy_targets(texts: Sequence[str], starts: Sequence[int], answers: Sequence[Sequence[str]],

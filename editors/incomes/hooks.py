@@ -104,7 +104,8 @@ class GistRuntime:
         """Set `visible` [B, N]: a row with anchors is readable by a sequence whose tokens (this forward's,
         after those of earlier forwards when decoding) contain one of its anchors, and, with a relation gate,
         whose sentence naming the subject asks what the row's relation text asks."""
-        id_lists = prompt_parts(ids.tolist())  # teacher forcing: the target's tokens decide nothing
+        tokens = ids.tolist()
+        id_lists = prompt_parts(tokens)  # teacher forcing: the target's tokens decide nothing
         rows = [id_string(r) for r in id_lists]
         continuing = self.continuing and self.history is not None and len(self.history) == len(rows)
         if continuing:
@@ -120,13 +121,14 @@ class GistRuntime:
         self.visible = torch.tensor(mask, dtype=torch.bool, device=ids.device)  # [B, N]
         self.readable = [sum(row) for row in mask]  # counted here once, not on the device in every layer
         if self.answer_copy and self.pool.answers and self.capture_at is None:
-            self.find_copies(ids, mask, continuing, [len(r) for r in id_lists])
+            self.find_copies(tokens, mask, continuing, [len(r) for r in id_lists])
 
-    def find_copies(self, ids: torch.Tensor, mask: list[list[bool]], continuing: bool, prompts: list[int]) -> None:
+    def find_copies(self, tokens: list[list[int]], mask: list[list[bool]], continuing: bool, prompts: list[int]) -> None:
         """Set `copy_at` for this forward: where a sequence (all its tokens, a teacher-forced target's too:
         a position's logits depend only on the tokens up to it) has begun the answer of a row it may read.
-        `prompts`: the length of each row's prompt part in this forward (all of it outside teacher forcing)."""
-        now = [id_string(r) for r in ids.tolist()]
+        `tokens`: this forward's ids per row; `prompts`: the length of each row's prompt part in this forward
+        (all of it outside teacher forcing)."""
+        now = [id_string(r) for r in tokens]
         fresh = not continuing or self.copy_history is None
         before = [""] * len(now) if fresh else self.copy_history
         if fresh:
@@ -134,7 +136,7 @@ class GistRuntime:
         self.copy_history = [b + n for b, n in zip(before, now)]
         readable = [[i for i, ok in enumerate(m) if ok and self.pool.anchors[i] and self.pool.answers[i]]
                     for m in mask]
-        self.copy_length = ids.shape[-1]
+        self.copy_length = len(tokens[0])
         self.copy_at = copy_targets(self.copy_history, [len(b) for b in before], self.pool.answers, readable,
                                     self.copy_prompt_ends)
 

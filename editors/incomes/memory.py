@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from editors.incomes.answer_copy import answer_forms
+from editors.incomes.answer_copy import answer_forms, token_forms
 from editors.incomes.compress import add_gist_token, compress_texts
 from editors.incomes.modules import CONFIG_FILE, GistAddon
 from editors.incomes.pool import GistPool
@@ -102,14 +102,8 @@ class GistMemory:
         subject = " ".join((subject or "").split())
         if not subject:
             return []
-        forms = {subject, subject[0].swapcase() + subject[1:]}
-        out = []
-        for form in sorted(forms):
-            for text in (form, " " + form):
-                ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-                if ids and ids not in out:
-                    out.append(ids)
-        return out
+        forms = sorted({subject, subject[0].swapcase() + subject[1:]})
+        return token_forms(self.tokenizer, [text for form in forms for text in (form, " " + form)])
 
     def remove(self, fact_id) -> None:
         self.pool.remove(fact_id)

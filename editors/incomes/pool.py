@@ -90,6 +90,10 @@ class GistPool:
     def answers_of(self, fact_id) -> list[list[int]]:
         return self._answers[self._row(fact_id)]
 
+    def without_answers(self) -> set:
+        """The fact ids whose rows have no answer tokens (one pass, not a row lookup per fact)."""
+        return {fid for fid, forms in zip(self._ids, self._answers) if not forms}
+
     def set_answers(self, fact_id, forms: Sequence[Sequence[int]]) -> None:
         """Give a row its answer's token ids (rows of pools written before the answer copy have none)."""
         self._answers[self._row(fact_id)] = _id_lists([forms], 1, "answer")[0]
