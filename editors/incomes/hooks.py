@@ -75,6 +75,7 @@ class GistRuntime:
     copy_length: int = 0  # this forward's number of positions (its logits may cover only the last ones)
     copy_history: list[str] | None = None  # per sequence: all its tokens so far (id string), targets included
     copy_prompt_ends: list[int] | None = None  # per sequence: where its prompt ends in copy_history
+    word_continuing: torch.Tensor | None = None  # [V] bool: tokens that lengthen a word (none after an answer)
 
     def set_pool(self, view, layer_ids: tuple[int, ...]) -> None:
         if view is None or len(view) == 0:
@@ -269,7 +270,7 @@ def _answer_copy(rt: GistRuntime):
     def hook(module, args, output):
         if not rt.copy_at or not torch.is_tensor(output) or output.dim() != 3:
             return None  # no copy this forward: the logits are the model's own
-        return apply_copy(output, rt.copy_at, rt.copy_length, rt.copy_margin)
+        return apply_copy(output, rt.copy_at, rt.copy_length, rt.copy_margin, rt.word_continuing)
 
     return hook
 

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from editors.incomes.answer_copy import answer_forms, token_forms
+from editors.incomes.answer_copy import answer_forms, token_forms, word_continuing_tokens
 from editors.incomes.compress import add_gist_token, compress_texts
 from editors.incomes.modules import CONFIG_FILE, GistAddon
 from editors.incomes.pool import GistPool
@@ -53,6 +53,7 @@ class GistMemory:
         addon.attach(model, add_gist_token(tokenizer))
         addon.runtime.relation_check = self.relation_gate
         addon.runtime.answer_copy = answer_copy  # it copies only on rows the gates let a query read
+        addon.runtime.word_continuing = word_continuing_tokens(tokenizer) if answer_copy else None
         self.pool = GistPool.for_addon(addon)
         self._fingerprint: str | None = None
 
@@ -141,5 +142,5 @@ class GistMemory:
 
     def close(self) -> None:
         self.addon.runtime.relation_check = None
-        self.addon.runtime.answer_copy = True
+        self.addon.runtime.answer_copy, self.addon.runtime.word_continuing = True, None
         self.addon.detach()
