@@ -119,7 +119,8 @@ class GistRuntime:
             for m, allowed in zip(mask, self.relation_allowed):
                 for i, rel in enumerate(self.pool.relations):
                     m[i] = m[i] and (rel is None or not self.pool.anchors[i] or i in allowed)
-        self.visible = torch.tensor(mask, dtype=torch.bool, device=ids.device)  # [B, N]
+        # [B, N]; None when every sequence may read every row (no anchors): the branch then masks nothing
+        self.visible = None if all(map(all, mask)) else torch.tensor(mask, dtype=torch.bool, device=ids.device)
         self.readable = [sum(row) for row in mask]  # counted here once, not on the device in every layer
         if self.answer_copy and self.pool.answers and self.capture_at is None:
             self.find_copies(tokens, mask, continuing, [len(r) for r in id_lists])
