@@ -81,7 +81,7 @@ def _other_first_tokens(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return out
 
 
-@lru_cache(maxsize=4)  # ~0.5 s for a 49k vocabulary, and a process keeps one tokenizer
+@lru_cache(maxsize=4)  # ~0.5 s for a 49k vocabulary; a process keeps one tokenizer
 def word_continuing_tokens(tokenizer) -> torch.Tensor:
     """[V] bool: the tokens whose text begins with a letter or digit, so they would lengthen the word before."""
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from editors.causal import prompt_parts
-from editors.incomes.answer_copy import DEFAULT_MARGIN, apply_copy, copy_targets
+from editors.incomes.answer_copy import ANSWER_END, DEFAULT_MARGIN, apply_copy, copy_targets
 from editors.incomes.introspect import (GistHookError, attention_of, check_attention_signature,
                                         find_layer_stack, rope_function, split_call)
 
@@ -75,7 +75,9 @@ class GistRuntime:
     copy_length: int = 0  # this forward's number of positions (its logits may cover only the last ones)
     copy_history: list[str] | None = None  # per sequence: all its tokens so far (id string), targets included
     copy_prompt_ends: list[int] | None = None  # per sequence: where its prompt ends in copy_history
-    word_continuing: torch.Tensor | None = None  # [V] bool: tokens that lengthen a word (none after an answer)
+    # () -> [V] bool: the tokens that lengthen a word (none may follow an answer's end); asked for only when
+    # an answer ends, since building it decodes the whole vocabulary (~0.5 s, then cached)
+    word_continuing: Callable[[], torch.Tensor] | None = None
 
     def set_pool(self, view, layer_ids: tuple[int, ...]) -> None:
         if view is None or len(view) == 0:
@@ -271,7 +273,9 @@ def _answer_copy(rt: GistRuntime):
     def hook(module, args, output):
         if not rt.copy_at or not torch.is_tensor(output) or output.dim() != 3:
             return None  # no copy this forward: the logits are the model's own
-        return apply_copy(output, rt.copy_at, rt.copy_length, rt.copy_margin, rt.word_continuing)
+        ends = rt.word_continuing is not None and any(c[2] == ANSWER_END for c in rt.copy_at)
+        return apply_copy(output, rt.copy_at, rt.copy_length, rt.copy_margin,
+                          rt.word_continuing() if ends else None)
 
     return hook
 

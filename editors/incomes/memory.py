@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from editors.incomes.answer_copy import answer_forms, token_forms, word_continuing_tokens
@@ -53,7 +54,7 @@ class GistMemory:
         addon.attach(model, add_gist_token(tokenizer))
         addon.runtime.relation_check = self.relation_gate
         addon.runtime.answer_copy = answer_copy  # it copies only on rows the gates let a query read
-        addon.runtime.word_continuing = word_continuing_tokens(tokenizer) if answer_copy else None
+        addon.runtime.word_continuing = partial(word_continuing_tokens, tokenizer) if answer_copy else None
         self.pool = GistPool.for_addon(addon)
         self._fingerprint: str | None = None
 
