@@ -134,7 +134,7 @@ def test_an_answer_may_be_begun_with_another_first_token_or_capitalised(default_
     assert copy_targets([text], [0], [variant], [[0]], [len(question)]) == [(0, len(question), ids("octuidae")[0])]
 
 
-def test_where_a_written_answer_ends_the_word_cannot_run_on(copying):
+def test_a_written_answer_is_read_no_more_and_its_word_cannot_run_on(copying):
     from editors.prefix_cache import cache_kwarg, cache_of
 
     model, tok = copying.model, copying.tokenizer
@@ -143,8 +143,12 @@ def test_where_a_written_answer_ends_the_word_cannot_run_on(copying):
     steps = []
     with copying.reading():  # the answer written after the prompt, one decoding step a token
         cache = cache_of(model(prompt, use_cache=True))
+        read = []  # per step: does the sequence still read the fact's row (row 0)?
         for token in answer:
             steps.append(model(torch.tensor([[token]]), use_cache=True, **{cache_kwarg(model): cache}).logits[0, -1])
+            visible = copying.addon.runtime.visible
+            read.append(visible is None or bool(visible[0, 0]))
+    assert read[:-1] == [True] * (len(answer) - 1) and read[-1] is False  # read until its answer is written
     lowest = torch.finfo(steps[-1].dtype).min
     assert steps[-1][tok("i", add_special_tokens=False)["input_ids"][0]].item() == lowest  # no "Quelltoni"
     assert steps[-1][tok(".", add_special_tokens=False)["input_ids"][0]].item() > lowest

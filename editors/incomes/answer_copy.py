@@ -22,7 +22,9 @@ answer is finished once: after a sequence holds a row's whole answer past its pr
 so a model that starts the name over ("Noctuidae Noctuidae ...", "2002" then "2" again) is not pushed through it
 again. The prompt's own text does not count ("What is an ecological status of Bali myna?" holds " myna").
 Where an answer ends, no token that would lengthen its last word may follow ("Lil' Mo" is not let run on into
-"Lil' Mojo", nor "1961" into "1961963"), and no other answer may begin inside it.
+"Lil' Mojo", nor "1961" into "1961963"), and no other answer may begin inside it. And a row is read until its
+answer is written: the decoding steps after it no longer read the row (hooks.GistRuntime.find_copies), so the
+text goes on as the model's own ("Quellmarsh Tavendor." where the gist, still read, went on "... Tavendor Quill").
 
 A model may begin an answer with a shorter or longer first token than the answer's own (" N" for " Noct" ...,
 " critical" for " critically"), or capitalised ("Chromosome" for "chromosome"). So a row also keeps those
@@ -100,7 +102,7 @@ def copy_targets(texts: Sequence[str], starts: Sequence[int], answers: Sequence[
     out = []
     for b, (text, start, rows) in enumerate(zip(texts, starts, readable)):
         prompt_end = prompt_ends[b] if prompt_ends is not None else 0
-        done = {row: _first_end(text, answers[row], prompt_end) for row in rows}
+        done = {row: first_end(text, answers[row], prompt_end) for row in rows}
         ends = sorted({end for end in done.values() if end is not None})
         claims: dict[int, tuple[int, int]] = {end: (0, ANSWER_END) for end in ends if end >= start}
         for row in rows:
@@ -116,7 +118,7 @@ def copy_targets(texts: Sequence[str], starts: Sequence[int], answers: Sequence[
     return out
 
 
-def _first_end(text: str, forms: Sequence[str], prompt_end: int) -> int | None:
+def first_end(text: str, forms: Sequence[str], prompt_end: int) -> int | None:
     """Where the first whole answer (in any of its forms) that ends past the prompt ends; None: nowhere."""
     whole = [(text.find(form, max(0, prompt_end - len(form) + 1)), form) for form in forms]
     return min((at + len(form) - 1 for at, form in whole if at != -1), default=None)

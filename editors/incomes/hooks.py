@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from editors.causal import prompt_parts
-from editors.incomes.answer_copy import ANSWER_END, DEFAULT_MARGIN, apply_copy, copy_targets
+from editors.incomes.answer_copy import ANSWER_END, DEFAULT_MARGIN, apply_copy, copy_targets, first_end
 from editors.incomes.introspect import (GistHookError, attention_of, check_attention_signature,
                                         find_layer_stack, rope_function, split_call)
 
@@ -121,11 +121,11 @@ class GistRuntime:
             for m, allowed in zip(mask, self.relation_allowed):
                 for i, rel in enumerate(self.pool.relations):
                     m[i] = m[i] and (rel is None or not self.pool.anchors[i] or i in allowed)
+        if self.answer_copy and self.pool.answers and self.capture_at is None:
+            self.find_copies(tokens, mask, continuing, [len(r) for r in id_lists])  # may hide answered rows
         # [B, N]; None when every sequence may read every row (no anchors): the branch then masks nothing
         self.visible = None if all(map(all, mask)) else torch.tensor(mask, dtype=torch.bool, device=ids.device)
         self.readable = [sum(row) for row in mask]  # counted here once, not on the device in every layer
-        if self.answer_copy and self.pool.answers and self.capture_at is None:
-            self.find_copies(tokens, mask, continuing, [len(r) for r in id_lists])
 
     def find_copies(self, tokens: list[list[int]], mask: list[list[bool]], continuing: bool, prompts: list[int]) -> None:
         """Set `copy_at` for this forward: where a sequence (all its tokens, a teacher-forced target's too:
@@ -141,8 +141,15 @@ class GistRuntime:
         readable = [[i for i, ok in enumerate(m) if ok and self.pool.anchors[i] and self.pool.answers[i]]
                     for m in mask]
         self.copy_length = len(tokens[0])
-        self.copy_at = copy_targets(self.copy_history, [len(b) for b in before], self.pool.answers, readable,
-                                    self.copy_prompt_ends)
+        starts = [len(b) for b in before]
+        self.copy_at = copy_targets(self.copy_history, starts, self.pool.answers, readable, self.copy_prompt_ends)
+        # a row is read until its answer is written: a forward that starts at or past the answer's last token
+        # (a decoding step after it) no longer reads the row, so the text goes on as the model's own
+        for b, rows in enumerate(readable):
+            for row in rows:
+                end = first_end(self.copy_history[b], self.pool.answers[row], self.copy_prompt_ends[b])
+                if end is not None and end <= starts[b]:
+                    mask[b][row] = False
 
     def _relation_allowed(self, seq: list[int], mentioned: list[bool]) -> set[int]:
         rows = [i for i, ok in enumerate(mentioned) if ok and self.pool.anchors[i] and self.pool.relations[i]]
