@@ -90,35 +90,45 @@ def word_continuing_tokens(tokenizer) -> torch.Tensor:
     return torch.tensor([bool(t) and t[0].isalnum() for t in texts], dtype=torch.bool)
 
 
+def answer_ends(texts: Sequence[str], answers: Sequence[Sequence[str]], readable: Sequence[Sequence[int]],
+                prompt_ends: Sequence[int] | None = None) -> list[dict[int, int | None]]:
+    """Per sequence, per row it may read: where the row's first whole answer past the prompt ends (None: not
+    written). An answer whole inside the prompt is not a written one (`prompt_ends` None: the prompt is empty)."""
+    return [{row: _first_end(text, answers[row], prompt_ends[b] if prompt_ends is not None else 0) for row in rows}
+            for b, (text, rows) in enumerate(zip(texts, readable))]
+
+
 def copy_targets(texts: Sequence[str], starts: Sequence[int], answers: Sequence[Sequence[str]],
-                 readable: Sequence[Sequence[int]], prompt_ends: Sequence[int] | None = None) -> list[tuple[int, int, int]]:
+                 readable: Sequence[Sequence[int]], prompt_ends: Sequence[int] | None = None,
+                 ends: list[dict[int, int | None]] | None = None) -> list[tuple[int, int, int]]:
     """(sequence, position in this forward, token id) for every position where a copy applies; the token is
     ANSWER_END where a row's answer ends.
 
     `texts`: per sequence, its token ids so far as an id string (hooks.id_string), this forward's last;
     `starts`: where this forward's tokens begin in it; `answers`: per pool row, its answer forms as id
     strings; `readable`: per sequence, the rows it may read; `prompt_ends`: per sequence, where its prompt
-    ends (an answer whole inside the prompt is not a finished one; None: at the start)."""
+    ends (an answer whole inside the prompt is not a finished one; None: at the start); `ends`: answer_ends'
+    result for these arguments, when the caller has it already."""
     out = []
-    for b, (text, start, rows) in enumerate(zip(texts, starts, readable)):
-        prompt_end = prompt_ends[b] if prompt_ends is not None else 0
-        done = {row: first_end(text, answers[row], prompt_end) for row in rows}
-        ends = sorted({end for end in done.values() if end is not None})
-        claims: dict[int, tuple[int, int]] = {end: (0, ANSWER_END) for end in ends if end >= start}
+    ends = answer_ends(texts, answers, readable, prompt_ends) if ends is None else ends
+    for b, (text, start, rows, done) in enumerate(zip(texts, starts, readable, ends)):
+        finished = sorted({end for end in done.values() if end is not None})
+        claims: dict[int, tuple[int, int]] = {end: (0, ANSWER_END) for end in finished if end >= start}
         for row in rows:
             for form in answers[row]:
                 for i in range(1, len(form)):
                     prefix, at = form[:i], text.find(form[:i], max(0, start - i + 1))
                     while at != -1 and (done[row] is None or at + i - 1 < done[row]):
                         end = at + i - 1  # the position whose next token is form[i]
-                        if end >= start and i > claims.get(end, (0, 0))[0] and not any(at <= e <= end for e in ends):
+                        inside_finished = any(at <= e <= end for e in finished)  # no answer begins inside one
+                        if end >= start and i > claims.get(end, (0, 0))[0] and not inside_finished:
                             claims[end] = (i, ord(form[i]))
                         at = text.find(prefix, at + 1)
         out.extend((b, end - start, token) for end, (_, token) in sorted(claims.items()))
     return out
 
 
-def first_end(text: str, forms: Sequence[str], prompt_end: int) -> int | None:
+def _first_end(text: str, forms: Sequence[str], prompt_end: int) -> int | None:
     """Where the first whole answer (in any of its forms) that ends past the prompt ends; None: nowhere."""
     whole = [(text.find(form, max(0, prompt_end - len(form) + 1)), form) for form in forms]
     return min((at + len(form) - 1 for at, form in whole if at != -1), default=None)

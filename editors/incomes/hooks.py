@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from editors.causal import prompt_parts
-from editors.incomes.answer_copy import ANSWER_END, DEFAULT_MARGIN, apply_copy, copy_targets, first_end
+from editors.incomes.answer_copy import ANSWER_END, DEFAULT_MARGIN, answer_ends, apply_copy, copy_targets
 from editors.incomes.introspect import (GistHookError, attention_of, check_attention_signature,
                                         find_layer_stack, rope_function, split_call)
 
@@ -129,7 +129,8 @@ class GistRuntime:
 
     def find_copies(self, tokens: list[list[int]], mask: list[list[bool]], continuing: bool, prompts: list[int]) -> None:
         """Set `copy_at` for this forward: where a sequence (all its tokens, a teacher-forced target's too:
-        a position's logits depend only on the tokens up to it) has begun the answer of a row it may read.
+        a position's logits depend only on the tokens up to it) has begun the answer of a row it may read,
+        and take out of `mask` the rows whose answer it wrote before this forward.
         `tokens`: this forward's ids per row; `prompts`: the length of each row's prompt part in this forward
         (all of it outside teacher forcing)."""
         now = [id_string(r) for r in tokens]
@@ -142,12 +143,12 @@ class GistRuntime:
                     for m in mask]
         self.copy_length = len(tokens[0])
         starts = [len(b) for b in before]
-        self.copy_at = copy_targets(self.copy_history, starts, self.pool.answers, readable, self.copy_prompt_ends)
+        ends = answer_ends(self.copy_history, self.pool.answers, readable, self.copy_prompt_ends)
+        self.copy_at = copy_targets(self.copy_history, starts, self.pool.answers, readable, ends=ends)
         # a row is read until its answer is written: a forward that starts at or past the answer's last token
         # (a decoding step after it) no longer reads the row, so the text goes on as the model's own
-        for b, rows in enumerate(readable):
-            for row in rows:
-                end = first_end(self.copy_history[b], self.pool.answers[row], self.copy_prompt_ends[b])
+        for b, done in enumerate(ends):
+            for row, end in done.items():
                 if end is not None and end <= starts[b]:
                     mask[b][row] = False
 
