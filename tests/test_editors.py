@@ -202,7 +202,9 @@ def test_ice_batched_sampling_matches_unpadded():
         with torch.no_grad():
             logits = editor.model(ids).logits[0, -3:]  # [n, V]
         torch.testing.assert_close(job.teacher_logp[j], torch.log_softmax(logits, -1), atol=1e-4, rtol=1e-4)
-        assert torch.equal(job.xc[j], logits.argmax(-1))  # greedy sampling picked the argmax
+        # greedy sampling picked the argmax (padded and unpadded runs may differ in the last bits: a near-tie may flip)
+        picked = logits.gather(-1, job.xc[j][:, None])[:, 0]
+        assert (logits.amax(-1) - picked).max() <= 1e-4
 
 
 def editor_fact(editor):

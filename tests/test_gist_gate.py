@@ -12,6 +12,19 @@ FACTS = ["The capital of Zorbia is Quellton.", "The river of Vantor is the Mizz.
 SUBJECTS = ["Zorbia", "Vantor"]
 
 
+# A batch of two runs other BLAS kernels than one text alone: the last bits may differ, so rows are compared
+# within this tolerance, and reading must move a row by far more than it.
+BATCH_ATOL = 1e-4
+
+
+def assert_gated_separately(together, read_alone, read_unread, unread_alone, unread_read) -> None:
+    """Row 0 of a batch reads like its text alone; row 1, which names no subject of the pool, does not."""
+    torch.testing.assert_close(together[0], read_alone, atol=BATCH_ATOL, rtol=0)
+    torch.testing.assert_close(together[1], unread_alone, atol=BATCH_ATOL, rtol=0)
+    assert (read_alone - read_unread).abs().max() > 100 * BATCH_ATOL  # reading really moved row 0
+    assert torch.equal(unread_alone, unread_read)  # row 1 alone: the same computation, read or not
+
+
 def memory(gate: bool = True) -> GistMemory:
     model = tiny_llama(seed=1).eval()
     model.requires_grad_(False)
@@ -61,8 +74,8 @@ def test_rows_of_one_batch_are_gated_separately(gated):
     batch = tok(texts, return_tensors="pt")["input_ids"]
     with gated.reading():
         together = gated.model(batch).logits
-    assert torch.equal(together[0], logits(gated, texts[0])[0])
-    assert torch.equal(together[1], logits(gated, texts[1], read=False)[0])
+    assert_gated_separately(together, logits(gated, texts[0])[0], logits(gated, texts[0], read=False)[0],
+                            logits(gated, texts[1], read=False)[0], logits(gated, texts[1])[0])
 
 
 def test_decoding_keeps_the_gate_of_the_prompt(gated):

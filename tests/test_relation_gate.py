@@ -9,7 +9,7 @@ from editors.incomes.memory import GistMemory
 from editors.incomes.relation_gate import RelationGate, relation_text
 from editors.model import tiny_llama, tiny_tokenizer
 from memory.embeddings import HashEmbedder
-from tests.test_gist_gate import logits
+from tests.test_gist_gate import assert_gated_separately, logits
 
 PROMPTS = ["Which family does Zorbia belong to?", "Which river does Vantor lie on?"]
 FACTS = [f"{PROMPTS[0]} Quellidae.", f"{PROMPTS[1]} The Mizz."]
@@ -65,8 +65,8 @@ def test_rows_of_one_batch_get_their_own_relation_decision(mem):
     assert batch["attention_mask"].all(), "the two texts must tokenize to equal lengths"
     with mem.reading():
         together = mem.model(batch["input_ids"]).logits
-    assert torch.equal(together[0], logits(mem, texts[0])[0])
-    assert torch.equal(together[1], logits(mem, texts[1], read=False)[0])
+    assert_gated_separately(together, logits(mem, texts[0])[0], logits(mem, texts[0], read=False)[0],
+                            logits(mem, texts[1], read=False)[0], logits(mem, texts[1])[0])
 
 
 def test_relations_survive_save_and_load(mem, tmp_path):
