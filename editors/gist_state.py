@@ -5,29 +5,70 @@ the `edits` rows that say those facts are in the pool are committed. On open, th
 with the rows: a pool row with no applied gist edit (a crash between the two) is dropped, and an
 applied gist edit whose row is missing is compressed again (compression is deterministic). So a crash
 at any moment loses no accepted fact and leaves no row the store does not know of.
+
+Work still to do is queued as `edits` rows (backend "gist", status "pending"), which ingestion writes in
+the same transaction as the facts (`FactStore.add_facts(..., pending_backend="gist")`). `open` and `add`
+drain that queue: each active fact with a pending row is compressed and its row turns into the applied
+one (updated, never a second row); the pending row of a fact no longer active is closed as rolled_back,
+with the reason. So a crash or a failed add-on load after ingestion leaves the facts queued, and the next
+command that opens the pool compresses them.
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import exists, select, update
 
 from editors.incomes.memory import GistMemory
-from memory.errors import NotFoundError
+from memory.errors import NotFoundError, StoreError
 from memory.models import Edit, Event, Fact
 from memory.store import FactStore
 
 log = logging.getLogger(__name__)
 
 GIST = "gist"
+ARTIFACT = "gist/pool.safetensors"  # relative to the data dir, as Edit.artifact is
+
+
+def has_gist_work(store: FactStore) -> bool:
+    """Whether the store has gist facts to serve or to compress (an applied or a pending gist edit)."""
+    return _any_gist_edit(store, ("applied", "pending"))
+
+
+def has_pending_gist(store: FactStore) -> bool:
+    """Whether facts are queued for the gist pool and not compressed yet."""
+    return _any_gist_edit(store, ("pending",))
+
+
+def _any_gist_edit(store: FactStore, statuses: tuple[str, ...]) -> bool:
+    with store.transaction() as s:
+        return bool(s.scalar(select(exists().where(Edit.backend == GIST, Edit.status.in_(statuses)))))
+
+
+@dataclass
+class GistWork:
+    """What this GistState recorded: facts newly compressed into the pool, pending rows closed without it."""
+
+    added: list[int] = field(default_factory=list)
+    closed: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class _Queue:
+    todo: list[Fact]  # to compress, in queue order
+    pending: dict[int, int]  # fact id -> the pending edit row that becomes its applied one
+    closed: list[tuple[int, int, str]]  # (edit id, fact id, reason): pending rows closed uncompressed
 
 
 class GistState:
     def __init__(self, store: FactStore, memory: GistMemory):
         self.store, self.memory = store, memory
-        self.path = store.data_dir / "gist" / "pool.safetensors"
+        self.path = store.data_dir / ARTIFACT
+        self.work = GistWork()
 
     def _applied(self) -> dict[int, Fact]:
         with self.store.transaction() as s:
@@ -36,12 +77,13 @@ class GistState:
             return {f.id: f for f in rows}
 
     def open(self) -> int:
-        """Load the pool and reconcile it with the store; returns the number of facts in it."""
+        """Load the pool, reconcile it with the store and compress the pending facts; returns the number of
+        facts in the pool."""
         if self.path.exists():
             self.memory.load(self.path)
         applied = self._applied()
         stray = [fid for fid in self.memory.pool.fact_ids if fid not in applied]
-        for fid in stray:
+        for fid in stray:  # a pending fact among them is compressed again below (deterministic)
             log.warning("gist pool row for fact %s has no applied edit (interrupted write); dropping it", fid)
             self.memory.remove(fid)
         missing = [f for fid, f in applied.items() if fid not in self.memory.pool]
@@ -52,9 +94,13 @@ class GistState:
         unanswered = {f.id: f.target for f in applied.values() if f.target and f.id in bare}
         if unanswered:  # a pool written before the answer copy: the answers' tokens come from the store
             self.memory.set_answers(unanswered)
-        if stray or missing or unanswered:
-            self.memory.save(self.path)
+        self._drain((), dirty=bool(stray or missing or unanswered))
         return len(self.memory)
+
+    def add(self, facts: Sequence[Fact] = ()) -> float:
+        """Compress `facts` and every pending gist fact into the pool and record them; returns the seconds
+        compression took."""
+        return self._drain(facts, dirty=False)
 
     def _compress(self, facts: Sequence[Fact]) -> None:
         self.memory.add([f.id for f in facts], [f.statement for f in facts], [self._scope(f) for f in facts],
@@ -65,21 +111,69 @@ class GistState:
     def _scope(fact: Fact) -> str | None:
         return None if fact.scope == "global" else fact.user_id
 
-    def add(self, facts: Sequence[Fact]) -> float:
-        """Compress facts into the pool and record them; returns the seconds compression took."""
-        todo = [f for f in facts if f.id not in self.memory.pool]
-        if not todo:
-            return 0.0
-        started = time.perf_counter()
-        self._compress(todo)
-        seconds = time.perf_counter() - started
-        self.memory.save(self.path)
+    def _queue(self, facts: Sequence[Fact]) -> _Queue:
+        """The pending gist rows (and `facts`) sorted into facts to compress and rows to close."""
         with self.store.transaction() as s:
-            for fact in todo:
-                s.add(Edit(fact_id=fact.id, backend=GIST, status="applied", steps=0,
-                           seconds=seconds / len(todo), artifact="gist/pool.safetensors"))
-                s.add(Event(fact_id=fact.id, kind="applied", detail={"backend": GIST}))
+            rows = s.execute(select(Edit.id, Fact).join(Fact, Fact.id == Edit.fact_id)
+                             .where(Edit.backend == GIST, Edit.status == "pending").order_by(Edit.id)).all()
+        queue = _Queue([], {}, [])
+        for edit_id, fact in rows:
+            if fact.status != "active":
+                queue.closed.append((edit_id, fact.id, f"fact {fact.id} is {fact.status}; not compressed"))
+            elif fact.id in self.memory.pool or fact.id in queue.pending:
+                queue.closed.append((edit_id, fact.id, f"fact {fact.id} is already in the gist pool"))
+            else:
+                queue.pending[fact.id] = edit_id
+                queue.todo.append(fact)
+        queued = set(queue.pending)
+        for fact in facts:  # facts given without a pending row (a caller that queued none) get a new row
+            if fact.id not in self.memory.pool and fact.id not in queued:
+                queued.add(fact.id)
+                queue.todo.append(fact)
+        return queue
+
+    def _drain(self, facts: Sequence[Fact], dirty: bool) -> float:
+        """Compress what is queued, save the pool (also when `dirty`: it changed already), then record it:
+        pending rows become applied, and rows of inactive facts are closed, in one transaction."""
+        queue = self._queue(facts)
+        seconds = 0.0
+        if queue.todo:
+            started = time.perf_counter()
+            self._compress(queue.todo)
+            seconds = time.perf_counter() - started
+        if queue.todo or dirty:
+            self.memory.save(self.path)  # before the rows: a crash in between leaves stray rows, dropped on open
+        if queue.todo or queue.closed:
+            try:
+                self._record(queue, seconds)
+            except BaseException:
+                for fact in queue.todo:  # not recorded, so not in the pool (the file's rows are strays)
+                    self.memory.remove(fact.id)
+                raise
+        self.work.added += [f.id for f in queue.todo]
+        self.work.closed += [fact_id for _, fact_id, _ in queue.closed]
+        self.work.seconds += seconds
         return seconds
+
+    def _record(self, queue: _Queue, seconds: float) -> None:
+        each = seconds / len(queue.todo) if queue.todo else 0.0
+        values = {"status": "applied", "steps": 0, "seconds": each, "artifact": ARTIFACT, "error": None}
+        with self.store.transaction() as s:
+            for fact in queue.todo:
+                edit_id = queue.pending.get(fact.id)
+                if edit_id is None:
+                    s.add(Edit(fact_id=fact.id, backend=GIST, **values))
+                elif s.execute(update(Edit).where(Edit.id == edit_id, Edit.status == "pending")
+                               .values(**values)).rowcount != 1:
+                    raise StoreError(f"the pending gist edit {edit_id} of fact {fact.id} was changed by another "
+                                     "process while it was compressed; run the command again")
+                s.add(Event(fact_id=fact.id, kind="applied", detail={"backend": GIST}))
+            for edit_id, fact_id, reason in queue.closed:
+                s.execute(update(Edit).where(Edit.id == edit_id, Edit.status == "pending")
+                          .values(status="rolled_back", error=reason))
+                s.add(Event(fact_id=fact_id, kind="rolled_back", detail={"backend": GIST, "reason": reason}))
+        for _, fact_id, reason in queue.closed:
+            log.info("closed the pending gist edit of fact %s: %s", fact_id, reason)
 
     def remove(self, fact_id: int, reason: str = "rolled back") -> None:
         with self.store.transaction() as s:

@@ -8,14 +8,19 @@ Protocols (DESIGN §1.4):
 `every=K` adds curve points: after every K edits all cases learned so far are re-measured
 (teacher-forced metrics), as in the ICE paper's Figure 2.
 
-A run is resumable: each measured case is appended to `points-METHOD.jsonl`, and weight states are
-saved after each case, so a killed run picks up at the first case it had not finished.
+A run is resumable, exactly: after each case the weight state is saved (atomically, with the number of
+cases it holds and that case's record), then the case's record is appended to `points-METHOD.jsonl`
+and synced. A kill between the two leaves the state one case ahead, and the resume writes the missing
+record from the state, so no edit is lost or applied twice. `run.json` holds the settings the results
+depend on; a resume with other settings is refused.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -27,10 +32,17 @@ import torch
 from evaluation.datasets import EditCase, load_dataset
 from evaluation.measure import BaseCache, CaseScore, Scorer, aggregate
 from evaluation.methods import METHODS, ContextsFn, Method
+from memory.atomic import atomic_write
+from memory.errors import ConfigError, ValidationError
 
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("single", "sequential", "retention")
+MANIFEST = "run.json"
+# EvalConfig fields that change what is measured. Left out: methods (each has its own points file),
+# format (the case hash covers it), out, and batch_size (padding moves floats in the last bits only).
+RESULT_FIELDS = ("n", "protocol", "every", "seed", "gen_tokens", "fluency_n", "fluency_tokens", "generation",
+                 "measure_n", "retention", "rag_k", "gist_addon")
 
 
 @dataclass
@@ -54,8 +66,6 @@ class EvalConfig:
     gist_addon: str | None = None  # a trained gist add-on directory (None: the shipped one)
 
     def __post_init__(self) -> None:
-        from memory.errors import ConfigError
-
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"unknown protocol {self.protocol!r}: use {', '.join(PROTOCOLS)}")
         unknown = [m for m in self.methods if m not in METHODS]
@@ -84,9 +94,116 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# -- the files of a run ---------------------------------------------------------------------------
+def append_point(path: Path, record: dict) -> None:
+    """One record, one line, synced: once this returns the case counts as done."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _write_lines(path: Path, lines: Sequence[bytes]) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(b"".join(line + b"\n" for line in lines)))
+
+
+def _check_record(line: bytes, expected: int) -> tuple[dict | None, str]:
+    try:
+        record = json.loads(line)
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError too
+        return None, f"not JSON ({exc})"
+    if not isinstance(record, dict) or not {"i", "learn", "score"} <= set(record) \
+            or not isinstance(record["learn"], dict):
+        return None, "not a points record (it needs i, learn and score)"
+    if record["i"] != expected:
+        return None, f"it is case {record['i']!r}, expected case {expected}"
+    return record, ""
+
+
+def read_points(path: Path) -> list[dict]:
+    """The records of a points file, in case order. A torn last line (a kill mid-write) is dropped with a
+    warning and cut from the file, so the next append starts on a clean line; a bad line before the last
+    is refused, since dropping it would lose a case from the middle of the stream."""
+    chunks = path.read_bytes().split(b"\n")
+    numbered = [(n, line) for n, line in enumerate(chunks, 1) if line.strip()]
+    kept: list[bytes] = []
+    records: list[dict] = []
+    for k, (number, line) in enumerate(numbered):
+        record, why = _check_record(line, len(records))
+        if record is None:
+            if k < len(numbered) - 1:
+                raise ValidationError(f"{path}: line {number} is corrupt: {why}; delete the file to start "
+                                      f"this method over, or use a new --out")
+            log.warning("%s: dropping a torn last line %d (%s); that case is done again", path, number, why)
+            break
+        records.append(record)
+        kept.append(line)
+    if len(kept) != len(chunks) - 1 or chunks[-1]:  # something dropped, a blank line, or no final newline
+        _write_lines(path, kept)
+    return records
+
+
+def _state_meta(path: Path) -> dict[str, str] | None:
+    """The metadata of a saved weight state (None when there is none, or it cannot be read)."""
+    if not path.exists():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as fh:
+            return fh.metadata() or {}
+    except Exception as exc:  # an unreadable state is redone, never trusted
+        log.warning("%s cannot be read (%s)", path, exc)
+        return None
+
+
+def _describe(value) -> object:
+    """A setting as JSON: plain values as they are, objects (an add-on, an embedder) by their type."""
+    try:
+        json.dumps(value, sort_keys=True)
+        return value
+    except (TypeError, ValueError):
+        return f"<{type(value).__name__}>"
+
+
+def cases_digest(cases: Sequence[EditCase]) -> str:
+    return hashlib.sha256(json.dumps([asdict(c) for c in cases], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _show(key: str, value) -> str:
+    if key == "cases_sha256" and isinstance(value, str):
+        return f"cases sha256 {value[:12]}"
+    return f"{key}={value if isinstance(value, str) else json.dumps(value, sort_keys=True)}"
+
+
+def check_manifest(out: Path, settings: dict) -> None:
+    """Write `run.json` on the first start; on a resume refuse settings other than those it holds."""
+    path = out / MANIFEST
+    if not path.exists():
+        if any(out.glob("points-*.jsonl")):
+            log.warning("%s has points but no %s (an older run): its settings cannot be checked", out, MANIFEST)
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n"))
+        return
+    try:
+        started = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not JSON ({exc}); use a new --out") from exc
+    keys = [k for k in settings if k != "dataset" and started.get(k) != settings[k]]
+    keys += [k for k in started if k not in settings]
+    if "n" in keys and "cases_sha256" in keys:
+        keys.remove("cases_sha256")  # another n uses other cases: saying so twice would only confuse
+    if keys:
+        was = ", ".join(_show(k, started.get(k)) for k in keys)
+        now = ", ".join(_show(k, settings.get(k)) for k in keys)
+        where = f" (it read {started.get('dataset')})" if "cases_sha256" in keys else ""
+        raise ConfigError(f"{out}/ was started with {was}{where}, this run has {now}; "
+                          f"use a new --out or the same settings")
+
+
 class Harness:
     def __init__(self, config: EvalConfig, loaded, contexts_fn: ContextsFn | None = None, progress=None,
-                 **method_options):
+                 contexts_name: str | None = None, **method_options):
+        """`contexts_name` names where `contexts_fn` comes from (the CLI's --contexts), for run.json."""
         self.config, self.loaded = config, loaded
         self.method_options = method_options  # e.g. embedder= for RAG, editor_overrides= for ICE/FT-M
         self.out = Path(config.out)
@@ -94,8 +211,17 @@ class Harness:
         self.contexts_fn = contexts_fn
         self.progress = progress or (lambda it, **kw: it)
         self.cases: list[EditCase] = [c for c in load_dataset(config.dataset, config.format, limit=None) if c.editable][: config.n]
+        contexts = "none" if contexts_fn is None else (contexts_name or "custom")
+        check_manifest(self.out, self.settings(contexts))
         self.base_cache = BaseCache.open(self.out / "base-cache.json", loaded, self.cases, config.batch_size)
         self.scorer = Scorer(loaded.model, loaded.tokenizer, self.base_cache, config)
+
+    def settings(self, contexts: str) -> dict:
+        """What the results depend on: kept in run.json and compared on every resume."""
+        return {**{k: getattr(self.config, k) for k in RESULT_FIELDS}, "model": self.loaded.name,
+                "dataset": str(self.config.dataset), "cases_sha256": cases_digest(self.cases),
+                "contexts": contexts,
+                "method_options": {k: _describe(v) for k, v in sorted(self.method_options.items())}}
 
     # -- one method -------------------------------------------------------------------------------
     def run_method(self, name: str) -> MethodRun:
@@ -122,6 +248,9 @@ class Harness:
             method.reset()
         return run
 
+    def _state_path(self, method: Method) -> Path:
+        return self.out / f"state-{method.name}.safetensors"
+
     def _stream(self, method: Method, run: MethodRun, points: Path, start_at: int) -> None:
         cfg = self.config
         bar = self.progress(range(start_at, len(self.cases)), desc=f"{method.name} [{cfg.protocol}]",
@@ -143,9 +272,10 @@ class Harness:
                 scores = self._measure_all(method, self.cases[: i + 1], desc=None, generation=False)
                 record["curve"] = {"n_edits": i + 1, **aggregate(scores)}
                 run.curve.append(record["curve"])
-            with open(points, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
-            method.save_state(self.out / f"state-{method.name}.safetensors")
+            # the state first, carrying this record: a kill before the points line is healed from it
+            method.save_state(self._state_path(method),
+                              {"cases": str(i + 1), "case_id": case.case_id, "record": json.dumps(record)})
+            append_point(points, record)
             if hasattr(bar, "set_postfix_str"):
                 bar.set_postfix_str(f"case {case.case_id}")
 
@@ -161,9 +291,7 @@ class Harness:
             if [s.case_id for s in kept] == [c.case_id for c in cases]:
                 return kept
         scores = self._measure_all(method, cases, desc=f"{method.name} retention", generation=self.config.generation)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(s.to_json()) + "\n" for s in scores))
-        tmp.replace(path)
+        atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(s.to_json()) + "\n" for s in scores)))
         return scores
 
     def _measure_all(self, method: Method, cases: Sequence[EditCase], desc: str | None,
@@ -178,19 +306,44 @@ class Harness:
             if score.continuation is not None:
                 score.pplr = self.scorer.pplr(score)
 
+    def _match_state(self, method: Method, points: Path, records: list[dict]) -> list[dict]:
+        """The records the saved weights hold: the missing last one written from the state, or none."""
+        state = self._state_path(method)
+        meta = _state_meta(state)
+        if meta is None and not records:
+            return []
+        covered = int(meta["cases"]) if meta and meta.get("cases", "").isdigit() else -1
+        if meta == {} and len(records) == len(self.cases) and self._finished(method):
+            return records  # an older run's state (no case count), saved after a stream that ran to its end
+        if not 0 < covered <= len(self.cases) or meta.get("case_id") != self.cases[covered - 1].case_id \
+                or covered > len(records) + 1:
+            log.warning("%s: the saved weights do not match %s; starting this method over", method.name, points)
+            state.unlink(missing_ok=True)
+            return []
+        if covered == len(records) + 1:  # killed after the state was saved, before its points line
+            record = json.loads(meta["record"])
+            append_point(points, record)
+            return [*records, record]
+        if covered < len(records):  # points past the weights (not written in this order): do them again
+            log.warning("%s: %s is ahead of the saved weights; redoing cases from %d", method.name, points, covered)
+            _write_lines(points, [json.dumps(r).encode() for r in records[:covered]])
+            return records[:covered]
+        return records
+
+    def _finished(self, method: Method) -> bool:
+        """Files written only once a method's stream had ended (so its last state was saved too)."""
+        return (self.out / f"retention-{method.name}.jsonl").exists() or (self.out / "results.json").exists()
+
     def _resume(self, method: Method, run: MethodRun, points: Path) -> int:
         """Reload what a killed run had finished; returns the first case to do."""
-        state = self.out / f"state-{method.name}.safetensors"
-        if not points.exists():
-            return 0
-        records = [json.loads(line) for line in points.read_text().splitlines() if line.strip()]
-        if records and method.name in ("ice", "ftm") and not state.exists():
-            records = []  # the weights after those cases were not saved: start over
+        records = read_points(points) if points.exists() else []
+        if method.saves_state:
+            records = self._match_state(method, points, records)
         done = len(records)
         if done == 0 or done > len(self.cases):
-            points.unlink()
+            points.unlink(missing_ok=True)
             return 0
-        method.load_state(state, self.cases[:done])
+        method.load_state(self._state_path(method), self.cases[:done])
         for rec in records:
             run.seconds_per_edit.append(rec["learn"]["seconds"] / max(1, len(self.cases[rec["i"]].edits)))
             run.failed_edits += not rec["learn"]["ok"]

@@ -43,6 +43,7 @@ class Method:
     name = "base"
     stable_prefixes = False  # True: prompts grow at their end and weights never change (prefix KV reusable)
     learns = False  # the base model: learning changes nothing, so retention equals the gap-0 scores
+    saves_state = False  # True: save_state writes the weights; the others rebuild by replaying the cases
 
     def __init__(self, model, tokenizer, **_):
         self.model, self.tokenizer = model, tokenizer
@@ -70,8 +71,8 @@ class Method:
     def reset(self) -> None:
         pass
 
-    def save_state(self, path: Path) -> None:
-        pass
+    def save_state(self, path: Path, meta: dict[str, str] | None = None) -> None:
+        """Keep what `load_state` needs, with `meta` (the harness's bookkeeping) in the same file."""
 
     def load_state(self, path: Path, cases: Sequence[EditCase]) -> None:
         pass
@@ -169,6 +170,7 @@ class WeightEditMethod(Method):
     """ICE or FT-M: each case's edits applied in place to the live model, building on the last."""
 
     learns = True
+    saves_state = True
 
     def __init__(self, model, tokenizer, contexts_fn: ContextsFn | None = None, editor_overrides=None, **kw):
         super().__init__(model, tokenizer)
@@ -214,12 +216,14 @@ class WeightEditMethod(Method):
         if self._base is not None:
             restore(self.model, self._base)
 
-    def save_state(self, path: Path) -> None:
+    def save_state(self, path: Path, meta: dict[str, str] | None = None) -> None:
         from safetensors.torch import save_file
 
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.checkpoint().items()}, str(tmp))
-        tmp.replace(path)
+        from memory.atomic import atomic_write
+
+        # one file, replaced in one step: the weights and the metadata saying which cases they hold agree
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.checkpoint().items()}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def load_state(self, path: Path, cases: Sequence[EditCase]) -> None:
         from safetensors.torch import load_file

@@ -31,3 +31,7 @@ class EditError(EngramError):
 
 class NotFoundError(EngramError):
     """A fact, edit or run id does not exist."""
+
+
+class FingerprintMismatchError(StoreError):
+    """The store's edits belong to another base model (or gist add-on) than the one given."""

@@ -1,12 +1,13 @@
 """Validation of incoming fact records (DESIGN §3) into a typed `FactInput`.
 
-A record needs either `prompt` + `target`, or `text`. Unknown keys, wrong types, empty strings and
-oversized fields are rejected with a reason that names the field.
+A record needs either `prompt` + `target`, or `text`. Unknown keys, wrong types, empty strings,
+oversized fields, control characters and unpaired surrogates are rejected with a reason that names the field.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -16,6 +17,13 @@ SCOPES = ("global", "user", "session")
 MAX_LEN = {"prompt": 1000, "target": 300, "subject": 300, "relation": 200, "text": 4000, "user_id": 200}
 MAX_CONTEXTS, MAX_CONTEXT_LEN = 20, 1000
 ALLOWED = set(MAX_LEN) | {"contexts", "scope"}
+MULTILINE = {"text"}  # with contexts: may hold line breaks and tabs
+
+# Controls (C0, DEL, C1) and lone surrogates. A surrogate only survives JSON decoding unpaired, e.g. "\ud800",
+# and would break hashing and storage later; a NUL or ESC is never meant. Multi-line fields keep \t \n \r
+# (a CSV cell from Excel carries \r\n).
+_BAD_SINGLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_BAD_MULTI = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,14 @@ class FactInput:
         return keys
 
 
+def _check_characters(name: str, value: str, multiline: bool) -> None:
+    bad = (_BAD_MULTI if multiline else _BAD_SINGLE).search(value)
+    if bad:
+        ch = bad.group()
+        kind = "an unpaired surrogate" if "\ud800" <= ch <= "\udfff" else "a control character"
+        raise ValidationError(f"{name} contains {kind} \\u{ord(ch):04x}")
+
+
 def _string(record: dict, key: str) -> str | None:
     value = record.get(key)
     if value is None:
@@ -62,6 +78,8 @@ def _string(record: dict, key: str) -> str | None:
         raise ValidationError(f"field '{key}' is empty")
     if len(value) > MAX_LEN[key]:
         raise ValidationError(f"field '{key}' is too long ({len(value)} > {MAX_LEN[key]} characters)")
+    if not value.isprintable():  # the fast path: printable text has no controls or surrogates
+        _check_characters(f"field '{key}'", value, key in MULTILINE)
     return value
 
 
@@ -79,7 +97,10 @@ def _contexts(record: dict) -> tuple[str, ...]:
             raise ValidationError(f"contexts[{i}] must be a non-empty string")
         if len(item) > MAX_CONTEXT_LEN:
             raise ValidationError(f"contexts[{i}] is too long ({len(item)} > {MAX_CONTEXT_LEN} characters)")
-        out.append(item.strip())
+        item = item.strip()  # checked like fields: after the edges' whitespace is gone
+        if not item.isprintable():
+            _check_characters(f"contexts[{i}]", item, multiline=True)
+        out.append(item)
     return tuple(out)
 
 

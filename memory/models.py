@@ -18,7 +18,8 @@ class Base(DeclarativeBase):
 
 
 class Meta(Base):
-    """Key/value settings of the store: schema version, model version, index version."""
+    """Key/value settings of the store: schema version, model version, index version, and the model and
+    gist add-on the store is bound to (`model`, `model_fingerprint`, `gist_addon`, ...)."""
 
     __tablename__ = "meta"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -61,7 +62,8 @@ class Edit(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     fact_id: Mapped[int] = mapped_column(ForeignKey("facts.id"), index=True)
     backend: Mapped[str] = mapped_column(String(16))  # ice | ftm | gist
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|applied|failed|rolled_back
+    # pending (the work queue: still to route/apply, written with its fact) | applied | failed | rolled_back
+    status: Mapped[str] = mapped_column(String(16), default="pending")
     model_version: Mapped[int | None] = mapped_column(Integer)
     steps: Mapped[int | None] = mapped_column(Integer)
     loss: Mapped[float | None] = mapped_column(Float)

@@ -1,30 +1,41 @@
 """The fact store: every fact, context, edit and event, in SQLite (or any SQLAlchemy URL).
 
 Semantics:
-- An identical fact (same content hash) is a no-op reported as a duplicate.
+- An identical fact (same content hash) that is active is a no-op reported as a duplicate.
 - A new target for the same subject+relation, or for the same prompt, in the same scope supersedes
   the old fact: the old row stays, marked `superseded`, with `superseded_by` pointing to the new one.
+- Re-asserting a superseded or deleted fact reactivates its row (history and contexts kept) and
+  supersedes whatever owns its keys now, as a new fact would.
+- Pending work is an `edits` row with status "pending", written in the same transaction as the fact.
 - Every change appends to `events`. A batch of facts is one transaction: all of it or none of it.
 """
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import create_engine, event, func, insert, inspect, select, update
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from memory.errors import NotFoundError, SchemaVersionError, StoreError
+from memory.errors import FingerprintMismatchError, NotFoundError, SchemaVersionError, StoreError
 from memory.facts import FactInput
 from memory.models import SCHEMA_VERSION, Base, Context, Edit, Event, Fact, Meta, utcnow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FACT_STATUSES = ("active", "superseded", "deleted")
+# pip names of drivers whose import name differs (or that need an extra); others install as imported.
+DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
+                   "mysql": "mysql-connector-python", "cx_Oracle": "cx_Oracle", "pymssql": "pymssql"}
+SCHEMA_ATTEMPTS = 5
+BUSY_TIMEOUT_MS = 10_000
+Slot = tuple[str, int]  # ("db", fact id) or ("new", position among the batch's new facts)
 
 
 def default_db_url() -> str:
@@ -36,55 +47,129 @@ class AddReport:
     stored: int = 0
     duplicates: int = 0
     superseded: int = 0
+    reactivated: int = 0  # superseded or deleted facts asserted again (not duplicates)
     fact_ids: list[int | None] = field(default_factory=list)  # per input; the existing id for a duplicate
-    new_ids: list[int] = field(default_factory=list)  # ids of the rows this batch wrote
+    new_ids: list[int] = field(default_factory=list)  # stored or reactivated: the facts that need routing
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    _enable_wal(cur)
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=10000")
     cur.close()
 
 
+def _enable_wal(cur) -> None:
+    """Switch to WAL once. The switch needs an exclusive lock and SQLite does not wait on busy_timeout for
+    it, so two first opens at once get "database is locked": retry until the timeout instead."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            if cur.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except Exception as exc:  # the DBAPI's OperationalError; the driver module may vary
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def _driver_error(exc: ImportError, driver: str, url: str) -> StoreError:
+    # The missing module's name when Python gives one (a driver's own dependency included), else the
+    # URL's driver (psycopg without its libpq wrapper raises a nameless ImportError).
+    module = (exc.name or driver).split(".")[0]
+    package = DRIVER_PACKAGES.get(module, module)
+    return StoreError(f"the URL needs the {module} driver: pip install '{package}' (for {url})")
+
+
+def _sqlite_lacks_store(path: Path) -> bool:
+    """True when the SQLite file surely has no `meta` table, read without writing (no WAL switch)."""
+    try:
+        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+        try:
+            return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is None
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False  # unreadable this way: let the normal open decide
+
+
 class FactStore:
-    def __init__(self, url: str | None = None):
+    def __init__(self, url: str | None = None, create: bool = True):
         self.url = url or default_db_url()
         try:
             parsed = make_url(self.url)
         except Exception as exc:
             raise StoreError(f"invalid database URL {self.url!r}: {exc}") from exc
+        self.display_url = shown = parsed.render_as_string(hide_password=True)  # never echo a password
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         self.db_path = Path(parsed.database) if self.is_sqlite and parsed.database not in (None, "", ":memory:") else None
         if self.db_path is not None:
+            if not create and (not self.db_path.exists() or _sqlite_lacks_store(self.db_path)):
+                raise NotFoundError(f"no Engram store at {shown}; `engram ingest` creates one")
             self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(self.url)
+        try:
+            self.engine: Engine = create_engine(self.url)
+        except ImportError as exc:
+            raise _driver_error(exc, parsed.get_driver_name(), shown) from exc
+        except ArgumentError as exc:
+            raise StoreError(f"invalid database URL {shown}: {exc}") from exc
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._open_schema()
+        try:
+            self._open_schema(create, shown)
+        except BaseException:
+            self.engine.dispose()  # no pooled connection outlives a refused open
+            raise
 
     # -- schema ---------------------------------------------------------------------------------
-    def _open_schema(self) -> None:
+    def _open_schema(self, create: bool, shown: str) -> None:
         try:
-            has_meta = inspect(self.engine).has_table("meta")
-            if has_meta:
-                with self._sessions() as s:
-                    row = s.get(Meta, "schema_version")
-                found = int(row.value) if row else 0
-                if found > SCHEMA_VERSION:
-                    raise SchemaVersionError(
-                        f"{self.url} has schema version {found}, newer than this Engram's {SCHEMA_VERSION}; "
-                        "upgrade Engram to open it"
-                    )
-            Base.metadata.create_all(self.engine)
-            with self.transaction() as s:
-                if s.get(Meta, "schema_version") is None:
-                    s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+            with self.engine.connect() as conn:
+                found = self._schema_version(conn)
+                complete = set(Base.metadata.tables) <= set(inspect(conn).get_table_names())
+            if found is None and not create:
+                raise NotFoundError(f"no Engram store at {shown}; `engram ingest` creates one")
+            if found and complete:
+                return  # the common open: reads only, no write lock
+            for attempt in range(SCHEMA_ATTEMPTS):
+                try:
+                    return self._create_schema()
+                except SQLAlchemyError as exc:  # a backend without a lock: another process was first
+                    if attempt == SCHEMA_ATTEMPTS - 1 or not (
+                            isinstance(exc, IntegrityError) or "already exists" in str(exc)):
+                        raise
+                    time.sleep(0.05 * (attempt + 1))
         except SQLAlchemyError as exc:
-            raise StoreError(f"cannot open the store at {self.url}: {exc}") from exc
+            raise StoreError(f"cannot open the store at {shown}: {exc}") from exc
+
+    def _schema_version(self, conn: Connection) -> int | None:
+        """None: no store here; 0: a `meta` table without a version yet. Refuses a newer schema."""
+        if not inspect(conn).has_table("meta"):
+            return None
+        row = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).first()
+        found = int(row[0]) if row else 0
+        if found > SCHEMA_VERSION:
+            raise SchemaVersionError(f"{self.display_url} has schema version {found}, newer than this Engram's "
+                                     f"{SCHEMA_VERSION}; upgrade Engram to open it")
+        return found
+
+    def _create_schema(self) -> None:
+        """Create the missing tables and the version row, holding the database's write lock throughout,
+        so two first opens at once serialize instead of both issuing CREATE TABLE."""
+        with self.engine.connect() as conn:
+            if self.is_sqlite:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock now, before checking
+            elif conn.dialect.name == "postgresql":
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(5731020)")  # any fixed key of ours
+            found = self._schema_version(conn)
+            Base.metadata.create_all(conn, checkfirst=True)
+            if not found:
+                conn.execute(insert(Meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
+            conn.commit()
 
     @property
     def data_dir(self) -> Path:
@@ -119,62 +204,129 @@ class FactStore:
         with self.transaction() as s:
             s.merge(Meta(key=key, value=value))
 
+    def bind_fingerprint(self, kind: str, name: str, fingerprint: str) -> None:
+        """Tie this store to one model (kind "model") or add-on (kind "gist_addon"): the first call records
+        meta `<kind>` = name and `<kind>_fingerprint`; a later call with another fingerprint is refused."""
+        key = f"{kind}_fingerprint"
+        if self.get_meta(key) is None:
+            try:
+                with self.transaction() as s:
+                    # The insert first: it takes the write lock, and a concurrent first binder fails it.
+                    s.execute(insert(Meta).values(key=key, value=fingerprint))
+                    s.merge(Meta(key=kind, value=name))
+                return
+            except IntegrityError:
+                pass  # another process bound first: compare with what it recorded
+        bound = self.get_meta(key)
+        if bound != fingerprint:
+            bound_name, flag = self.get_meta(kind, "?"), "--" + kind.replace("_", "-")
+            label = kind.replace("_", " ")
+            raise FingerprintMismatchError(
+                f"this store's edits belong to {label} {bound_name} (fingerprint {bound}), not {name} "
+                f"({fingerprint}); open it with {flag} {bound_name} or use another --db")
+
     # -- facts ----------------------------------------------------------------------------------
-    def add_facts(self, facts: Sequence[FactInput]) -> AddReport:
-        """Store a batch in one transaction; duplicates are no-ops, newer targets supersede."""
+    def add_facts(self, facts: Sequence[FactInput], pending_backend: str | None = None) -> AddReport:
+        """Store a batch in one transaction: active duplicates are no-ops, newer targets supersede,
+        superseded or deleted facts asserted again are reactivated. With `pending_backend`, every fact
+        stored or reactivated (and still active at the end) gets a pending edit row for that backend."""
         report = AddReport()
         if not facts:
             return report
         with self.transaction() as s:
-            hashes = [f.content_hash for f in facts]
-            known = dict(s.execute(select(Fact.content_hash, Fact.id).where(Fact.content_hash.in_(hashes))).all())
-            owners: dict[tuple, tuple[str, int]] = {k: ("db", v) for k, v in self._active_owners(s, facts).items()}
-            retired: set[tuple[str, int]] = set()
+            hashes = list({f.content_hash for f in facts})
+            rows = s.execute(select(Fact.content_hash, Fact.id, Fact.status, Fact.superseded_by)
+                             .where(Fact.content_hash.in_(hashes))).all()
+            known: dict[str, Slot] = {h: ("db", i) for h, i, _, _ in rows}
+            owners: dict[tuple, Slot] = {k: ("db", v) for k, v in self._active_owners(s, facts).items()}
+            before: dict[Slot, tuple[str, int | None]] = {slot: ("active", None) for slot in owners.values()}
+            before.update({("db", i): (st, sup) for _, i, st, sup in rows})
+            # The batch is replayed in memory (a status per slot), then only its net change is written.
+            status: dict[Slot, str] = {slot: st for slot, (st, _) in before.items()}
+            by: dict[Slot, Slot | None] = {}  # slots whose status changed -> their superseder
+            log: list[tuple[Slot, str, dict | None, Slot | None]] = []  # (fact, kind, detail, "by" slot)
             new: list[FactInput] = []
-            slots: list[tuple[str, int]] = []  # per input: ("db", id) or ("new", position in `new`)
-            replaced: list[tuple[tuple[str, int], int]] = []  # (old owner, position of the new fact)
-            seen: dict[str, int] = {}
+            order: list[Slot] = []  # stored or reactivated, in input order: the report's new_ids
+            slots: list[Slot] = []
             for fact in facts:
-                h = fact.content_hash
-                if h in known:
-                    slots.append(("db", known[h]))
+                slot = known.get(fact.content_hash)
+                if slot is None:
+                    slot = known[fact.content_hash] = ("new", len(new))
+                    new.append(fact)
+                    status[slot] = "active"
+                    log.append((slot, "ingested", {"scope": fact.scope}, None))
+                elif status[slot] == "active":
+                    log.append((slot, "deduped", None, None))
+                    slots.append(slot)
                     continue
-                if h in seen:
-                    slots.append(("new", seen[h]))
-                    continue
-                pos = seen[h] = len(new)
-                new.append(fact)
-                slots.append(("new", pos))
-                for key in fact.supersede_keys():
-                    old = owners.get(key)
-                    if old is not None and old not in retired:
-                        retired.add(old)
-                        replaced.append((old, pos))
-                    owners[key] = ("new", pos)
+                else:
+                    log.append((slot, "reactivated", {"previous": status[slot]}, None))
+                    status[slot], by[slot] = "active", None
+                if slot not in order:
+                    order.append(slot)
+                self._take_keys(fact, slot, owners, status, by, log)
+                slots.append(slot)
             # RETURNING with the hash maps rows to ids without forcing row-at-a-time inserts.
             returned = dict(s.execute(insert(Fact).returning(Fact.content_hash, Fact.id),
                                       [self._row(f) for f in new]).all()) if new else {}
             ids = [returned[f.content_hash] for f in new]
             resolve = lambda slot: slot[1] if slot[0] == "db" else ids[slot[1]]  # noqa: E731
-            events = []
-            for slot, fact in zip(slots, facts):
-                if slot[0] == "db" or fact is not new[slot[1]]:
-                    report.duplicates += 1
-                    events.append({"fact_id": resolve(slot), "kind": "deduped", "detail": None})
-                else:
-                    events.append({"fact_id": resolve(slot), "kind": "ingested", "detail": {"scope": fact.scope}})
-                report.fact_ids.append(resolve(slot))
-            for old, pos in replaced:
-                old_id, new_id = resolve(old), ids[pos]
-                s.execute(update(Fact).where(Fact.id == old_id).values(status="superseded", superseded_by=new_id))
-                events.append({"fact_id": old_id, "kind": "superseded", "detail": {"by": new_id}})
+            final = {slot: (status[slot], None if sup is None else resolve(sup)) for slot, sup in by.items()}
+            # A stored fact that ends where it began (re-ingesting the same file: an old value, then its
+            # newer one) was not reactivated: its assertions are duplicates and its transitions vanish.
+            same = {slot for slot, end in final.items() if before.get(slot) == end}
+            for slot, (st, sup) in final.items():
+                if slot not in same:
+                    s.execute(update(Fact).where(Fact.id == resolve(slot)).values(status=st, superseded_by=sup))
+            log = [(x, "deduped", None, None) if x in same and k == "reactivated" else (x, k, d, sup)
+                   for x, k, d, sup in log if not (x in same and k == "superseded")]
+            events = [{"fact_id": resolve(x), "kind": k, "created_at": utcnow(),
+                       "detail": {"by": resolve(sup)} if sup is not None else d} for x, k, d, sup in log]
             contexts = [{"fact_id": i, "text": t, "generator": "supplied"} for f, i in zip(new, ids) for t in f.contexts]
             # Core inserts of plain rows: executemany in one statement, not one per row.
             if contexts:
                 s.connection().execute(Context.__table__.insert(), contexts)
-            s.connection().execute(Event.__table__.insert(), [{**e, "created_at": utcnow()} for e in events])
-            report.stored, report.superseded, report.new_ids = len(new), len(replaced), ids
+            s.connection().execute(Event.__table__.insert(), events)
+            order = [slot for slot in order if slot not in same]
+            live = [slot for slot in order if status[slot] == "active"]
+            self._queue(s, [resolve(x) for x in live if x[0] == "new"],
+                        [resolve(x) for x in live if x[0] == "db"], pending_backend)
+            kinds = [e["kind"] for e in events]
+            report.stored, report.duplicates = len(new), kinds.count("deduped")
+            report.superseded = kinds.count("superseded")
+            report.reactivated = sum(slot[0] == "db" for slot in order)
+            report.fact_ids, report.new_ids = [resolve(x) for x in slots], [resolve(x) for x in order]
         return report
+
+    @staticmethod
+    def _take_keys(fact: FactInput, slot: Slot, owners: dict[tuple, Slot], status: dict[Slot, str],
+                   by: dict[Slot, Slot | None], log: list) -> None:
+        """Make `slot` the owner of the fact's keys, superseding their active owners."""
+        for key in fact.supersede_keys():
+            old = owners.get(key)
+            if old is not None and old != slot and status.get(old) == "active":
+                status[old], by[old] = "superseded", slot
+                log.append((old, "superseded", None, slot))
+            owners[key] = slot
+
+    @staticmethod
+    def _queue(s: Session, new_ids: list[int], reactivated_ids: list[int], backend: str | None) -> None:
+        """Pending edit rows: new facts get one for `backend` when given. A reactivated fact with no
+        applied edit is queued again on `backend`, else on the backend of its latest edit (none if it
+        never had one); a fact already pending on that backend gets no second row."""
+        queue = [(i, backend) for i in new_ids] if backend else []
+        history: dict[int, list[tuple[str, str]]] = {i: [] for i in reactivated_ids}
+        query = select(Edit.fact_id, Edit.backend, Edit.status).where(Edit.fact_id.in_(reactivated_ids))
+        for fact_id, edit_backend, edit_status in s.execute(query.order_by(Edit.id)) if reactivated_ids else ():
+            history[fact_id].append((edit_backend, edit_status))
+        for fact_id, edits in history.items():
+            target = backend or (edits[-1][0] if edits else None)
+            # An edit still applied is live: nothing to redo; nor to queue twice.
+            if target and not any(st == "applied" for _, st in edits) and (target, "pending") not in edits:
+                queue.append((fact_id, target))
+        if queue:
+            s.connection().execute(Edit.__table__.insert(), [
+                {"fact_id": i, "backend": b, "status": "pending", "created_at": utcnow()} for i, b in queue])
 
     @staticmethod
     def _row(fact: FactInput) -> dict:

@@ -35,7 +35,8 @@ def test_status_and_facts(tmp_path, capsys):
     code, out, _ = run(capsys, "status", "--db", db, "--json")
     status = json.loads(out)
     assert code == 0 and status["facts"] == {"active": 1, "superseded": 0, "deleted": 0}
-    assert set(status) >= {"facts", "contexts", "edits", "gist_pool", "model", "device"}
+    assert set(status) >= {"facts", "contexts", "edits", "gist_pool", "model", "model_fingerprint"}
+    assert "device" not in status  # status loads no model
     code, out, _ = run(capsys, "facts", "show", "1", "--db", db, "--json")
     assert code == 0 and json.loads(out)["target"] == "Nairobi"
 

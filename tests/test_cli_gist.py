@@ -19,7 +19,10 @@ def ask(capsys, db: str, prompt: str, *flags: str) -> str:
 
 
 def test_ingest_to_the_pool_then_ask(tmp_path, capsys):
+    from memory.store import FactStore
+
     empty = f"sqlite:///{tmp_path / 'empty.sqlite'}"
+    FactStore(empty)  # a store with no facts: `ask` answers with the base model (ask never creates a store)
     db = f"sqlite:///{tmp_path / 's.sqlite'}"
     path = tmp_path / "facts.jsonl"
     path.write_text(json.dumps(FACT) + "\n")

@@ -1,11 +1,19 @@
 """`engram eval`: every method on the same stream of benchmark cases; results, curve, plots and a report."""
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.commands.common import emit, load, note, open_store
 from agent.progress import progress
+
+if TYPE_CHECKING:
+    from agent.contexts import ContextConfig, ContextGenerator
+
+CONTEXT_CHOICES = ("none", "template", "local", "openai", "auto")  # the same as `engram ingest --contexts`
 
 
 def _configure_eval(p) -> None:
@@ -28,20 +36,37 @@ def _configure_eval(p) -> None:
                    help="sequential: gap-0 only (the ICE paper's Table 6), without re-measuring all after the last edit")
     p.add_argument("--rag-k", type=int, default=10)
     p.add_argument("--gist-addon", default=None, help="directory of a trained gist add-on (default: the shipped one)")
-    p.add_argument("--contexts", default="template", choices=["template", "local", "openai"],
-                   help="where ICE gets its paraphrase contexts during evaluation")
+    p.add_argument("--contexts", default="template", choices=CONTEXT_CHOICES,
+                   help="where ICE gets its paraphrase contexts during evaluation (as `engram ingest --contexts`): "
+                        "none, template (default), local (the evaluated model), openai, or auto "
+                        "(openai when ENGRAM_CONTEXT_BASE_URL or OPENAI_BASE_URL is set, else local)")
 
 
-def _contexts_fn(kind: str, loaded):
-    from agent.contexts import ContextConfig, contexts_for, make_generator
+def context_config(kind: str, env: Mapping[str, str] | None = None) -> ContextConfig | None:
+    """The ContextConfig that `--contexts KIND` names (None for `none`), checked before any model loads."""
+    from agent.contexts import ContextConfig
 
-    config = ContextConfig.from_env()
-    config.backend = kind
-    generator = make_generator(config, loaded_model=loaded if kind == "local" else None)
+    env = os.environ if env is None else env
+    if kind == "none":
+        return None
+    # the flag decides the backend, so a stray ENGRAM_CONTEXT_BACKEND neither overrides nor breaks it
+    config = ContextConfig.from_env({**env, "ENGRAM_CONTEXT_BACKEND": "template" if kind == "auto" else kind})
+    if kind == "auto":  # resolved as `engram ingest --contexts auto` resolves it (agent.enrich)
+        config.backend = "openai" if config.base_url else "local"
+    return config
+
+
+def _contexts_fn(generator: ContextGenerator | None) -> Callable[[str, str], Sequence[str]] | None:
+    """The harness's (prompt, target) -> contexts; None (no contexts) without a generator."""
+    from agent.contexts import contexts_for
+
+    if generator is None:
+        return None
     return lambda prompt, target: contexts_for(prompt, target, generator)[0]
 
 
 def cmd_eval(args) -> int:
+    from agent.contexts import make_generator
     from evaluation.harness import EvalConfig, Harness
     from evaluation.report import write_all
 
@@ -50,10 +75,16 @@ def cmd_eval(args) -> int:
                         batch_size=args.batch_size, fluency_n=args.fluency_n, rag_k=args.rag_k,
                         generation=not args.no_generation, measure_n=args.measure_n,
                         retention=not args.no_retention, gist_addon=args.gist_addon)
-    store = open_store(args)
+    contexts = context_config(args.contexts)
+    # template and openai need no model: built now, a missing URL, key or client fails before the model loads
+    generator = make_generator(contexts) if contexts is not None and contexts.backend != "local" else None
+    store = open_store(args, create=True)  # the run is recorded in the store's eval tables
     loaded = load(args)
+    if contexts is not None and contexts.backend == "local":
+        generator = make_generator(contexts, loaded_model=loaded)  # paraphrased by the evaluated model
     started = time.perf_counter()
-    harness = Harness(config, loaded, contexts_fn=_contexts_fn(args.contexts, loaded), progress=progress)
+    harness = Harness(config, loaded, contexts_fn=_contexts_fn(generator), progress=progress,
+                      contexts_name=getattr(generator, "name", None))
     note(f"{len(harness.cases)} cases from {args.dataset}; methods {', '.join(config.methods)}; protocol {config.protocol}")
     runs = harness.run()
     results = write_all(Path(args.out), config, loaded, runs, time.perf_counter() - started, store)

@@ -1,53 +1,73 @@
 """Fact commands: ingest, status, contexts, facts list|show|history|delete."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from agent.commands.common import emit, load, note, open_store
-from memory.errors import EngramError
+from memory.errors import ConfigError, EngramError
+
+CONTEXT_CHOICES = ("none", "template", "local", "openai", "auto")
 
 
 def _configure_ingest(p) -> None:
     p.add_argument("file", help="a JSONL or CSV file, or - for standard input")
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "csv"])
     p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--contexts", action="store_true", help="generate paraphrase contexts for the new facts")
+    p.add_argument("--contexts", default="none", choices=CONTEXT_CHOICES,
+                   help="generate paraphrase contexts for the new facts with this generator (default: none); "
+                        "auto = OpenAI-compatible if ENGRAM_CONTEXT_BASE_URL is set, else the local model")
     p.add_argument("--route", default="store", choices=["store", "gist"],
                    help="store only (edit later with `engram edit`), or compress the new facts into the gist pool now")
     p.add_argument("--gist-addon", default=None, help="directory of a trained gist add-on (default: the shipped one)")
-    p.add_argument("--generator", default="auto", choices=["auto", "openai", "local", "template"],
-                   help="context generator: auto = OpenAI-compatible if ENGRAM_CONTEXT_BASE_URL is set, else the local model")
+
+
+def _context_generator_kind(choice: str) -> str:
+    """The generator `--contexts` names, `auto` resolved as agent.enrich.generator_from_args resolves it."""
+    if choice != "auto":
+        return choice
+    from agent.contexts import ContextConfig
+
+    return "openai" if ContextConfig.from_env().base_url else "local"
 
 
 def cmd_ingest(args) -> int:
     from agent.ingest import ingest_path
+    from editors.gist_state import has_pending_gist
 
     if args.batch_size < 1:
         raise EngramError("--batch-size must be at least 1")
-    store = open_store(args)
-    report = ingest_path(store, args.file, args.format, args.batch_size)
+    if args.route == "gist" and args.gist_addon and not Path(args.gist_addon).is_dir():
+        raise ConfigError(f"gist add-on directory {args.gist_addon} does not exist")  # before anything is stored
+    kind = _context_generator_kind(args.contexts) if args.contexts != "none" else None  # env checked now too
+    store = open_store(args, create=True)
+    # Gist-routed facts are queued (pending gist edits) with the facts themselves: if the model or add-on
+    # load below fails, or the process dies, the next open of the pool compresses them.
+    report = ingest_path(store, args.file, args.format, args.batch_size,
+                         pending_backend="gist" if args.route == "gist" else None)
     payload = report.to_json()
     loaded = None
-    if args.route == "gist" and report.fact_ids:
+    gist_due = args.route == "gist" and (bool(report.fact_ids) or has_pending_gist(store))
+    if gist_due:
         from agent.commands.common import load_state
 
         _, loaded, _ = load_state(args)  # gists are compressed by the live (edited) model
-    if args.contexts and report.fact_ids:
+    if kind is not None and report.fact_ids:
         from agent.enrich import enrich, generator_from_args
 
-        if loaded is None and args.generator in ("auto", "local"):
+        if loaded is None and kind == "local":
             loaded = load(args)
-        generator = generator_from_args(args.generator, loaded)
         facts = [store.get_fact(i) for i in report.fact_ids]
-        made = enrich(store, [f for f in facts if f.status == "active"], generator)
+        made = enrich(store, [f for f in facts if f.status == "active"], generator_from_args(kind, loaded))
         payload["contexts"] = {"facts": made.facts, "contexts": made.contexts, "failures": made.failures}
-    if args.route == "gist" and report.fact_ids:
+    if gist_due:
         from agent.commands.common import open_gist
 
-        gist = open_gist(args, store, loaded, required=True)
-        facts = [f for f in (store.get_fact(i) for i in report.fact_ids) if f.status == "active"]
+        gist = open_gist(args, store, loaded, required=True)  # its open compresses the queued facts
         for old in gist.stale():
             gist.remove(old, reason="superseded or deleted")
-        seconds = gist.add(facts)
-        payload["gist"] = {"added": len(facts), "pool": len(gist.memory), "seconds": round(seconds, 3)}
+        gist.add([f for f in (store.get_fact(i) for i in report.fact_ids) if f.status == "active"])
+        payload["gist"] = {"added": len(gist.work.added), "pool": len(gist.memory),
+                           "seconds": round(gist.work.seconds, 3)}
     if not args.json:
         for error in report.errors:
             note(f"line {error.line}: {error.reason}")
@@ -63,38 +83,42 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from editors.model import resolve_device
-
-    store = open_store(args)
+    store = open_store(args, create=False)
     counts = store.counts()
     counts["gist_pool"] = counts["edits"].get("gist", {}).get("applied", 0)
-    counts["model"] = store.get_meta("model", args.model)
-    counts["device"] = str(resolve_device(args.device))
+    counts["gist_pending"] = counts["edits"].get("gist", {}).get("pending", 0)
+    # The model the store's edits were made on, as the store recorded it (status loads no model).
+    counts["model"] = store.get_meta("model")
+    counts["model_fingerprint"] = store.get_meta("model_fingerprint")
     counts["db"] = store.url
     facts = counts["facts"]
     edit_lines = [f"  {backend}: " + ", ".join(f"{k} {v}" for k, v in sorted(st.items()))
                   for backend, st in sorted(counts["edits"].items())] or ["  none"]
+    model = counts["model"] or "none recorded"
+    if counts["model"] and counts["model_fingerprint"]:
+        model += f" (fingerprint {counts['model_fingerprint'][:12]})"
+    pending = f", {counts['gist_pending']} pending" if counts["gist_pending"] else ""
     text = "\n".join([
         f"store    {store.url}",
         f"facts    active {facts['active']}, superseded {facts['superseded']}, deleted {facts['deleted']}",
         f"contexts {counts['contexts']}",
         "edits", *edit_lines,
-        f"gist pool {counts['gist_pool']} facts",
-        f"model    {counts['model']} on {counts['device']}",
+        f"gist pool {counts['gist_pool']} facts{pending}",
+        f"model    {model}",
     ])
     emit(args, counts, text)
     return 0
 
 
 def cmd_contexts(args) -> int:
-    store = open_store(args)
+    store = open_store(args, create=False)
     fact = store.get_fact(args.fact_id)
     rows = store.contexts(args.fact_id)
     payload = {"fact_id": fact.id, "statement": fact.statement,
                "contexts": [{"text": c.text, "generator": c.generator} for c in rows]}
     lines = [f"fact {fact.id}: {fact.statement}"] + [f"  [{c.generator}] {c.text}" for c in rows]
     if not rows:
-        lines.append("  (no contexts; `engram ingest --contexts` generates them)")
+        lines.append("  (no contexts; `engram ingest --contexts auto` generates them)")
     emit(args, payload, "\n".join(lines))
     return 0
 
@@ -105,7 +129,7 @@ def _fact_json(fact) -> dict:
 
 
 def cmd_facts(args) -> int:
-    store = open_store(args)
+    store = open_store(args, create=False)
     if args.action == "list":
         status = None if args.status == "all" else args.status
         facts = store.list_facts(status=status, limit=args.limit, user_id=args.user)
@@ -137,7 +161,7 @@ def _configure_facts(p) -> None:
 
 COMMANDS = {
     "ingest": (cmd_ingest, _configure_ingest, "read facts from JSONL or CSV into the store"),
-    "status": (cmd_status, lambda p: None, "counts of facts, contexts, edits; the model and device"),
+    "status": (cmd_status, lambda p: None, "counts of facts, contexts, edits; the recorded model"),
     "contexts": (cmd_contexts, lambda p: p.add_argument("fact_id", type=int), "show a fact's paraphrase contexts"),
     "facts": (cmd_facts, _configure_facts, "list, show, trace or delete facts"),
 }

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 
 POOL_FORMAT = 1
 META_KEY = "engram_gist_pool"
+# The dtypes save() writes; a header naming anything else is refused, never looked up on `torch`.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_REQUIRED = ("format", "layers", "n_kv_heads", "head_dim", "dtype", "fact_ids", "scopes")
+_OPTIONAL_LISTS = ("anchors", "relations", "answers")  # pools written before them lack them
 
 
 @dataclass(frozen=True)
@@ -179,22 +183,24 @@ class GistPool:
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> GistPool:
+        """Read a pool file; a file that is not a pool this version wrote is a ConfigError naming it."""
         from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})[META_KEY])
+                meta = _header(path, (f.metadata() or {}).get(META_KEY))
                 keys, values = f.get_tensor("keys"), f.get_tensor("values")
-        except (OSError, KeyError, ValueError, SafetensorError) as exc:
+        except (OSError, ValueError, SafetensorError) as exc:
             raise ConfigError(f"cannot read gist pool {path}: {exc}") from exc
-        if meta.get("format") != POOL_FORMAT:
-            raise ConfigError(f"gist pool {path} has format {meta.get('format')}, expected {POOL_FORMAT}")
-        pool = cls(meta["layers"], meta["n_kv_heads"], meta["head_dim"], device, getattr(torch, meta["dtype"]),
-                   meta.get("tag"))
         from editors.incomes.compress import CompressedGists
 
-        pool.append(meta["fact_ids"], CompressedGists(pool.layers, keys, values), meta["scopes"],
-                    meta.get("anchors"), meta.get("relations"), meta.get("answers"))  # older pools lack some
+        try:
+            pool = cls(meta["layers"], meta["n_kv_heads"], meta["head_dim"], device, DTYPES[meta["dtype"]],
+                       meta.get("tag"))
+            pool.append(meta["fact_ids"], CompressedGists(pool.layers, keys, values), meta["scopes"],
+                        meta.get("anchors"), meta.get("relations"), meta.get("answers"))  # older pools lack some
+        except (ValidationError, TypeError, ValueError) as exc:  # rows that disagree with the header
+            raise ConfigError(f"gist pool {path} is malformed: {exc}") from exc
         return pool
 
     # -- internals --------------------------------------------------------------------------------
@@ -263,3 +269,37 @@ def _id_lists(rows: Sequence[Sequence[Sequence[int]]] | None, n: int, what: str)
     if len(out) != n:
         raise ValidationError(f"{len(out)} {what} lists for {n} facts")
     return out
+
+
+def _header(path: str | Path, raw: str | None) -> dict:
+    """The checked header metadata of pool file `path`: every key present and of the type save() writes."""
+    if raw is None:
+        raise ConfigError(f"gist pool {path} has no {META_KEY!r} header (not a gist pool file)")
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"gist pool {path} has a malformed header: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ConfigError(f"gist pool {path} has a malformed header: a JSON object expected, not {type(meta).__name__}")
+    for key in _REQUIRED:
+        if key not in meta:
+            raise ConfigError(f"gist pool {path} is missing {key!r}")
+    if meta["format"] != POOL_FORMAT:
+        raise ConfigError(f"gist pool {path} has format {meta['format']!r}, expected {POOL_FORMAT}")
+    if not isinstance(meta["dtype"], str) or meta["dtype"] not in DTYPES:
+        raise ConfigError(f"gist pool {path} has dtype {meta['dtype']!r}; a pool is one of {', '.join(DTYPES)}")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if not isinstance(meta["layers"], list) or not all(is_int(i) and i >= 0 for i in meta["layers"]):
+        raise ConfigError(f"gist pool {path} has 'layers' {meta['layers']!r}, not a list of layer indices")
+    for key in ("n_kv_heads", "head_dim"):
+        if not is_int(meta[key]) or meta[key] < 1:
+            raise ConfigError(f"gist pool {path} has {key!r} {meta[key]!r}, not a positive integer")
+    for key in ("fact_ids", "scopes"):
+        if not isinstance(meta[key], list):
+            raise ConfigError(f"gist pool {path} has {key!r} of type {type(meta[key]).__name__}, not a list")
+    for key in _OPTIONAL_LISTS:
+        if meta.get(key) is not None and not isinstance(meta[key], list):
+            raise ConfigError(f"gist pool {path} has {key!r} of type {type(meta[key]).__name__}, not a list")
+    if meta.get("tag") is not None and not isinstance(meta["tag"], str):
+        raise ConfigError(f"gist pool {path} has 'tag' {meta['tag']!r}, not a string")
+    return meta
