@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from agent.progress import progress
 from memory.errors import EngramError, ValidationError
 from memory.facts import FactInput, parse_fact
@@ -318,15 +320,14 @@ def _flush(store: FactStore, batch: list[tuple[int, FactInput]], report: IngestR
         return
     facts = [fact for _, fact in batch]
     try:
-        # Forwarded only when given, so this works with stores whose add_facts lacks the keyword.
-        added = store.add_facts(facts) if pending_backend is None else store.add_facts(facts, pending_backend=pending_backend)
-    except EngramError as exc:
+        added = store.add_facts(facts, pending_backend=pending_backend)
+    except (EngramError, SQLAlchemyError) as exc:  # e.g. a locked or full database
         # The batch's transaction rolled back: nothing of it is written, every line is named.
         report.rejected += len(batch)
         report.errors.extend(IngestError(number, f"not stored: {exc}") for number, _ in batch)
         return
     report.stored += added.stored
-    report.reactivated += getattr(added, "reactivated", 0)
+    report.reactivated += added.reactivated
     report.duplicates += added.duplicates
     report.superseded += added.superseded
     report.fact_ids.extend(added.new_ids)

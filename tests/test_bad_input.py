@@ -207,17 +207,17 @@ def test_crlf_jsonl_and_cr_only_csv_still_ingest(store, tmp_path):
 # -- the store side: failing batches, pending_backend, reactivated --------------------------------
 
 class StubStore:
+    """A store whose n-th batch fails, as a locked database's would."""
+
     def __init__(self, fail_on: int | None = None):
-        self.calls: list[dict] = []
+        self.calls = 0
         self.fail_on = fail_on
 
-    def add_facts(self, facts, **kwargs):
-        self.calls.append(kwargs)
-        if len(self.calls) == self.fail_on:
+    def add_facts(self, facts, pending_backend=None):
+        self.calls += 1
+        if self.calls == self.fail_on:
             raise StoreError("database is locked")
-        report = AddReport(stored=len(facts), new_ids=list(range(len(facts))))
-        report.reactivated = 1  # what the store's next AddReport adds
-        return report
+        return AddReport(stored=len(facts), new_ids=list(range(len(facts))))
 
 
 def test_failed_batch_rejects_its_lines_and_later_batches_are_stored():
@@ -227,13 +227,17 @@ def test_failed_batch_rejects_its_lines_and_later_batches_are_stored():
     assert reasons(report) == {3: "not stored: database is locked", 4: "not stored: database is locked"}
 
 
-def test_pending_backend_is_forwarded_only_when_given_and_reactivated_is_counted(tmp_path):
-    stub = StubStore()
-    report = ingest_stream(stub, io.StringIO(fact_line(1) + "\n"))
-    assert stub.calls == [{}] and report.reactivated == 1
-    assert report.summary() == "stored 1, reactivated 1, duplicates 0, superseded 0, rejected 0"
-    assert report.to_json()["reactivated"] == 1
-    path = write(tmp_path, "f.jsonl", fact_line(1) + "\n")
-    stub = StubStore()
-    ingest_path(stub, path, pending_backend="gist")
-    assert stub.calls == [{"pending_backend": "gist"}]
+def test_pending_backend_queues_the_facts_and_reactivations_are_counted(tmp_path, store):
+    from sqlalchemy import select
+
+    from memory.models import Edit
+
+    old, new = fact_line(1), json.dumps({"prompt": "Person 1 likes", "target": "another colour"})
+    ingest_stream(store, io.StringIO(old + "\n"))
+    ingest_stream(store, io.StringIO(new + "\n"))  # supersedes the old value
+    report = ingest_path(store, write(tmp_path, "f.jsonl", old + "\n"), pending_backend="gist")
+    assert report.reactivated == 1 and report.duplicates == 0 and report.to_json()["reactivated"] == 1
+    assert report.summary() == "stored 0, reactivated 1, duplicates 0, superseded 1, rejected 0"
+    with store.transaction() as s:
+        rows = s.execute(select(Edit.fact_id, Edit.backend, Edit.status)).all()
+    assert rows == [(report.fact_ids[0], "gist", "pending")]
