@@ -36,13 +36,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_bytes
-from safetensors.torch import save_file
 from sqlalchemy import and_, exists, or_, select
 from sqlalchemy.orm import Session
 
 from editors.base import EditRequest, Editor, apply_delta, restore, snapshot
-from memory.atomic import atomic_write
-from memory.errors import EditError, NotFoundError, StoreError
+from editors.deltas import BadDelta, CorruptDeltaError, write_delta
+from memory.errors import EditError, NotFoundError
 from memory.lock import WriterLock
 from memory.models import Context, Edit, Event, Fact
 from memory.store import FactStore
@@ -52,33 +51,6 @@ log = logging.getLogger(__name__)
 MODEL_VERSION_KEY = "model_version"
 GIST = "gist"  # the gist pool's backend (editors/gist_state.py); every other backend edits weights
 ORPHAN_GRACE_S = 60.0  # a delta file younger than this may still be on its way to its row: never swept
-
-
-@dataclass(frozen=True)
-class BadDelta:
-    """A recorded edit whose delta file cannot be used."""
-
-    edit_id: int
-    fact_id: int
-    path: Path
-    problem: str  # "missing" | "corrupt"
-
-    def describe(self) -> str:
-        what = "is missing" if self.problem == "missing" else "fails its checksum"
-        return f"edit {self.edit_id} (fact {self.fact_id}): delta file {self.path} {what}"
-
-
-class CorruptDeltaError(StoreError):
-    """Recorded deltas are missing or corrupt; the message names each and the ways out."""
-
-    def __init__(self, bad: list[BadDelta]):
-        self.bad = bad
-        facts = ", ".join(str(b.fact_id) for b in bad)
-        ways = (f"roll the fact back with `engram rollback {bad[0].fact_id}`, or drop the bad delta and edit the "
-                "fact again with `engram edit --skip-corrupt` (or restore the file)") if len(bad) == 1 else (
-                f"roll the facts back (`engram rollback FACT` for each of {facts}), or drop the bad deltas and "
-                "edit their facts again with `engram edit --skip-corrupt` (or restore the files)")
-        super().__init__("; ".join(b.describe() for b in bad) + "; " + ways)
 
 
 @dataclass
@@ -91,20 +63,6 @@ class AppliedEdit:
     seconds: float
     model_version: int
     error: str | None = None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_atomic(tensors: dict[str, torch.Tensor], path: Path) -> str:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
-    return _sha256(path)
 
 
 class ModelState:
@@ -293,7 +251,7 @@ class ModelState:
         version = self.version + 1
         rel = f"deltas/v{version:06d}-fact{fact.id}-{backend}.safetensors"
         try:
-            checksum = _write_atomic(result.delta, self.store.data_dir / rel)
+            checksum = write_delta(result.delta, self.store.data_dir / rel)
             with self.store.transaction() as s:
                 row = self._fulfil(s, fact.id, backend=backend, status="applied", model_version=version,
                                    steps=result.steps, loss=float(result.loss), seconds=result.seconds,

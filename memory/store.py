@@ -12,7 +12,6 @@ Semantics:
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,17 +23,14 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from memory.connect import driver_error, sqlite_lacks_store, sqlite_pragmas
 from memory.errors import FingerprintMismatchError, NotFoundError, SchemaVersionError, StoreError
 from memory.facts import FactInput
 from memory.models import SCHEMA_VERSION, Base, Context, Edit, Event, Fact, Meta, utcnow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FACT_STATUSES = ("active", "superseded", "deleted")
-# pip names of drivers whose import name differs (or that need an extra); others install as imported.
-DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
-                   "mysql": "mysql-connector-python", "cx_Oracle": "cx_Oracle", "pymssql": "pymssql"}
 SCHEMA_ATTEMPTS = 5
-BUSY_TIMEOUT_MS = 10_000
 Slot = tuple[str, int]  # ("db", fact id) or ("new", position among the batch's new facts)
 
 
@@ -52,50 +48,6 @@ class AddReport:
     new_ids: list[int] = field(default_factory=list)  # stored or reactivated: the facts that need routing
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    _enable_wal(cur)
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.close()
-
-
-def _enable_wal(cur) -> None:
-    """Switch to WAL once. The switch needs an exclusive lock and SQLite does not wait on busy_timeout for
-    it, so two first opens at once get "database is locked": retry until the timeout instead."""
-    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-    while True:
-        try:
-            if cur.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                cur.execute("PRAGMA journal_mode=WAL")
-            return
-        except Exception as exc:  # the DBAPI's OperationalError; the driver module may vary
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-
-
-def _driver_error(exc: ImportError, driver: str, url: str) -> StoreError:
-    # The missing module's name when Python gives one (a driver's own dependency included), else the
-    # URL's driver (psycopg without its libpq wrapper raises a nameless ImportError).
-    module = (exc.name or driver).split(".")[0]
-    package = DRIVER_PACKAGES.get(module, module)
-    return StoreError(f"the URL needs the {module} driver: pip install '{package}' (for {url})")
-
-
-def _sqlite_lacks_store(path: Path) -> bool:
-    """True when the SQLite file surely has no `meta` table, read without writing (no WAL switch)."""
-    try:
-        conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
-        try:
-            return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is None
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return False  # unreadable this way: let the normal open decide
-
-
 class FactStore:
     def __init__(self, url: str | None = None, create: bool = True):
         self.url = url or default_db_url()
@@ -107,17 +59,17 @@ class FactStore:
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         self.db_path = Path(parsed.database) if self.is_sqlite and parsed.database not in (None, "", ":memory:") else None
         if self.db_path is not None:
-            if not create and (not self.db_path.exists() or _sqlite_lacks_store(self.db_path)):
+            if not create and (not self.db_path.exists() or sqlite_lacks_store(self.db_path)):
                 raise NotFoundError(f"no Engram store at {shown}; `engram ingest` creates one")
             self.db_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.engine: Engine = create_engine(self.url)
         except ImportError as exc:
-            raise _driver_error(exc, parsed.get_driver_name(), shown) from exc
+            raise driver_error(exc, parsed.get_driver_name(), shown) from exc
         except ArgumentError as exc:
             raise StoreError(f"invalid database URL {shown}: {exc}") from exc
         if self.is_sqlite:
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect", sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         try:
             self._open_schema(create, shown)

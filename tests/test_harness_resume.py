@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from evaluation import harness as harness_module
 from evaluation.harness import EvalConfig, Harness
 from evaluation.methods import WeightEditMethod
 from memory.errors import ConfigError, ValidationError
+from tests.test_harness import Loaded
 
 FIXTURES = Path(__file__).parent / "fixtures" / "datasets"
 FAST = dict(lr=2e-2, max_steps=3, norm_constraint=2.0, box_mode="relative")  # a few cheap FT-M steps
@@ -22,13 +22,6 @@ FAST = dict(lr=2e-2, max_steps=3, norm_constraint=2.0, box_mode="relative")  # a
 
 class Killed(Exception):
     """Stands in for a SIGKILL at one point of the harness."""
-
-
-@dataclass
-class Loaded:
-    model: torch.nn.Module
-    tokenizer: object
-    name: str = "tiny-llama"
 
 
 @pytest.fixture
