@@ -41,7 +41,7 @@ PROTOCOLS = ("single", "sequential", "retention")
 MANIFEST = "run.json"
 # EvalConfig fields that change what is measured. Left out: methods (each has its own points file),
 # format (the case hash covers it), out, and batch_size (padding moves floats in the last bits only).
-RESULT_FIELDS = ("n", "protocol", "every", "seed", "gen_tokens", "fluency_n", "fluency_tokens", "generation",
+RESULT_FIELDS = ("n", "offset", "protocol", "every", "seed", "gen_tokens", "fluency_n", "fluency_tokens", "generation",
                  "measure_n", "retention", "rag_k", "gist_addon")
 
 
@@ -51,6 +51,7 @@ class EvalConfig:
     out: str
     methods: list[str] = field(default_factory=lambda: ["base", "ftm", "ice", "gist", "icl", "rag"])
     n: int = 100
+    offset: int = 0  # skip the first K editable cases: a slice of the file that no earlier run touched
     format: str = "auto"
     protocol: str = "sequential"
     every: int | None = None
@@ -71,6 +72,8 @@ class EvalConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ConfigError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+        if self.offset < 0:
+            raise ConfigError("--offset must be at least 0")
         if self.n < 1 or (self.every is not None and self.every < 1) or (self.measure_n is not None and self.measure_n < 1):
             raise ConfigError("--n, --every and --measure-n must be at least 1")
 
@@ -210,7 +213,9 @@ class Harness:
         self.out.mkdir(parents=True, exist_ok=True)
         self.contexts_fn = contexts_fn
         self.progress = progress or (lambda it, **kw: it)
-        self.cases: list[EditCase] = [c for c in load_dataset(config.dataset, config.format, limit=None) if c.editable][: config.n]
+        self.cases: list[EditCase] = [c for c in load_dataset(config.dataset, config.format, limit=None) if c.editable][config.offset: config.offset + config.n]
+        if not self.cases:
+            raise ConfigError(f"{config.dataset} has no editable cases after the first {config.offset}")
         contexts = "none" if contexts_fn is None else (contexts_name or "custom")
         check_manifest(self.out, self.settings(contexts))
         self.base_cache = BaseCache.open(self.out / "base-cache.json", loaded, self.cases, config.batch_size)

@@ -162,3 +162,15 @@ def test_gated_and_ungated_gist_and_teacher_forced_only_runs(tmp_path, loaded):
         assert runs[name].available and len(runs[name].retention) == 1  # both learned, the first measured
         assert all(s.edit_success is not None and s.edit_success_gen is None for s in runs[name].retention)
     assert not addon.attached
+
+
+def test_offset_takes_a_later_slice_of_the_file(tmp_path, loaded):
+    from evaluation.datasets import load_dataset
+
+    every = [c.case_id for c in load_dataset(FIXTURES / "knowedit_zsre.json") if c.editable]
+    later = Harness(config(tmp_path, methods=["base"], n=1, offset=1), loaded)
+    assert [c.case_id for c in later.cases] == every[1:2]
+    with pytest.raises(ConfigError, match="no editable cases after the first 99"):
+        Harness(config(tmp_path / "far", methods=["base"], offset=99), loaded)
+    with pytest.raises(ConfigError, match="--offset"):
+        config(tmp_path, offset=-1)

@@ -20,6 +20,7 @@ def _configure_eval(p) -> None:
     p.add_argument("--dataset", required=True, help="a benchmark file (KnowEdit, zsRE, CounterFact, MQuAKE, DUnE)")
     p.add_argument("--format", default="auto", help="the file's format (default: detect it)")
     p.add_argument("--n", type=int, default=100, help="number of cases (edits) in the stream")
+    p.add_argument("--offset", type=int, default=0, help="skip the file's first K cases (e.g. a slice no choice was made on)")
     p.add_argument("--methods", default="base,ftm,ice,gist,icl,rag",
                    help="comma-separated: base,ftm,ice,gist,gist-nocopy,gist-cosine,gist-mention,gist-ungated,icl,rag")
     p.add_argument("--protocol", default="sequential", choices=["single", "sequential", "retention"])
@@ -71,7 +72,7 @@ def cmd_eval(args) -> int:
     from evaluation.report import write_all
 
     config = EvalConfig(dataset=args.dataset, out=args.out, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-                        n=args.n, format=args.format, protocol=args.protocol, every=args.every, seed=args.seed,
+                        n=args.n, offset=args.offset, format=args.format, protocol=args.protocol, every=args.every, seed=args.seed,
                         batch_size=args.batch_size, fluency_n=args.fluency_n, rag_k=args.rag_k,
                         generation=not args.no_generation, measure_n=args.measure_n,
                         retention=not args.no_retention, gist_addon=args.gist_addon)
