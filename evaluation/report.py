@@ -11,6 +11,7 @@ import platform
 import statistics
 from pathlib import Path
 
+from evaluation import intervals
 from evaluation.measure import METRICS, aggregate
 
 RESULT_KEYS = ("edit_success", "rephrase", "portability", "locality", "edit_success_gen", "portability_gen",
@@ -25,16 +26,23 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def with_intervals(scores: list) -> dict:
+    """aggregate() plus "ci": {metric: [low, high] | None}, the bootstrap over these same cases."""
+    return {**aggregate(scores), "ci": intervals.case_intervals(scores, METRICS)}
+
+
 def method_summary(run) -> dict:
     if not run.available:
-        return {"available": False, "reason": run.reason, **{k: None for k in RESULT_KEYS}}
-    main = aggregate(run.scores) if run.scores else aggregate(run.retention)
+        return {"available": False, "reason": run.reason, **{k: None for k in RESULT_KEYS},
+                "ci": {k: None for k in METRICS}}
+    main = with_intervals(run.scores if run.scores else run.retention)
     summary = {k: main.get(k) for k in RESULT_KEYS if k != "seconds_per_edit"}
     summary["seconds_per_edit"] = statistics.median(run.seconds_per_edit) if run.seconds_per_edit else None
     summary["multihop"] = main.get("multihop")
     summary["failed_edits"] = run.failed_edits
+    summary["ci"] = main["ci"]  # a nested block, so readers of the flat metric keys see them unchanged
     if run.retention:
-        summary["retention"] = aggregate(run.retention)
+        summary["retention"] = with_intervals(run.retention)
     return summary
 
 
@@ -42,6 +50,7 @@ def build_results(config, loaded, runs: dict, seconds: float) -> dict:
     return {
         "dataset": config.dataset, "n_edits": config.n, "model": loaded.name, "protocol": config.protocol,
         "methods": {name: method_summary(run) for name, run in runs.items()},
+        "intervals": intervals.describe(),
         "settings": {k: getattr(config, k) for k in ("format", "seed", "every", "batch_size", "gen_tokens",
                                                      "fluency_n", "rag_k", "generation", "measure_n", "retention",
                                                      "gist_addon")},
@@ -98,10 +107,12 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
     return paths
 
 
-def _cell(value) -> str:
+def _cell(value, ci: list | None = None) -> str:
     if value is None:
         return "–"
-    return f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
+    if not isinstance(value, float):
+        return html.escape(str(value))
+    return f"{value:.3f}" + (f"<br><small>[{ci[0]:.2f}, {ci[1]:.2f}]</small>" if ci else "")
 
 
 def write_html(path: Path, results: dict, plots: list[Path]) -> None:
@@ -112,7 +123,9 @@ def write_html(path: Path, results: dict, plots: list[Path]) -> None:
         if not summary.get("available", True):
             body.append(f"<tr><td>{name}</td><td colspan={len(cols)}>unavailable: {html.escape(summary['reason'])}</td></tr>")
             continue
-        body.append("<tr>" + f"<td>{name}</td>" + "".join(f"<td>{_cell(summary.get(c))}</td>" for c in cols) + "</tr>")
+        ci = summary.get("ci") or {}
+        body.append("<tr>" + f"<td>{name}</td>" + "".join(f"<td>{_cell(summary.get(c), ci.get(c))}</td>" for c in cols)
+                    + "</tr>")
     images = "".join(
         f'<figure><img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{p.stem}</figcaption></figure>'
         for p in plots)
@@ -123,7 +136,8 @@ def write_html(path: Path, results: dict, plots: list[Path]) -> None:
 figure{{display:inline-block;margin:8px}}</style></head><body>
 <h1>Engram evaluation: {html.escape(Path(results['dataset']).name)}</h1>
 <p>{results['n_edits']} edits, protocol <b>{results['protocol']}</b>, model <b>{html.escape(results['model'])}</b>.
-Rates are fractions in [0, 1]; teacher-forced and generation metrics are separate columns and never mixed.</p>
+Rates are fractions in [0, 1]; teacher-forced and generation metrics are separate columns and never mixed.
+Brackets: 95% percentile-bootstrap interval over cases.</p>
 <table><tr>{head}</tr>{''.join(body)}</table>
 <h2>Curves</h2>{images}
 <h2>Settings and machine</h2><pre>{settings}</pre></body></html>""", encoding="utf-8")
