@@ -13,11 +13,15 @@ Probe kinds are lower snake case: reasoning, subject_aliasing, logical_generaliz
 forgetfulness (KnowEdit); one_hop, subject_replace, inverse_relation, nq (zsRE); neighborhood (CounterFact);
 multihop, single_hop (MQuAKE); dune_test, dune_biased, dune_locality (DUnE). A `dune_biased` answer is the
 stereotyped answer the edit should move the model *away* from.
+
+A named split, `validation:NAME`, stands for `validation-NAME.json` in $ENGRAM_SPLITS (default runs/splits),
+as `python -m evaluation.splits` writes it (docs/validation.md).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -275,6 +279,33 @@ EXPECTED = (
 
 # ---------------------------------------------------------------------------------------------- public API
 
+SPLIT_PREFIX = "validation:"
+SPLITS_ENV = "ENGRAM_SPLITS"
+DEFAULT_SPLITS_DIR = Path(__file__).resolve().parents[1] / "runs" / "splits"  # git-ignored: data stays out of the repo
+MANIFEST = "validation-manifest.json"
+
+
+def split_file(name: str, splits_dir: str | Path | None = None) -> Path:
+    """Where the validation split NAME is written (evaluation.splits) and read."""
+    return Path(splits_dir or os.environ.get(SPLITS_ENV) or DEFAULT_SPLITS_DIR) / f"validation-{name}.json"
+
+
+def resolve_dataset(path: str | Path) -> Path:
+    """`validation:NAME` -> its split file (which must exist); any other value is a path as it is."""
+    text = str(path)
+    if not text.startswith(SPLIT_PREFIX):
+        return Path(path)
+    name = text[len(SPLIT_PREFIX):]
+    file = split_file(name)
+    if not name or not file.exists():
+        made = sorted(p.name[len("validation-"):-len(".json")] for p in file.parent.glob("validation-*.json")
+                      if p.name != MANIFEST)
+        raise ValidationError(f"validation split {name!r} not found at {file} (built: {', '.join(made) or 'none'}); "
+                              f"build it with `python -m evaluation.splits --data ../shared/data --out {file.parent}` "
+                              f"(or set {SPLITS_ENV})")
+    return file
+
+
 def _read(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
@@ -321,13 +352,14 @@ def _detect(data: Any, path: Path) -> str:
 
 def detect_format(path: str | Path) -> str:
     """The format name of a benchmark file, from its records' keys. Raises ValidationError if none fits."""
-    path = Path(path)
+    path = resolve_dataset(path)
     return _detect(_read(path), path)
 
 
 def load_dataset(path: str | Path, format: str = "auto", limit: int | None = None) -> list[EditCase]:
-    """Read a benchmark file into EditCases. `limit` keeps the first N records (edits, for DUnE)."""
-    path = Path(path)
+    """Read a benchmark file (or a `validation:NAME` split) into EditCases. `limit` keeps the first N records
+    (edits, for DUnE)."""
+    path = resolve_dataset(path)
     if format != "auto" and format not in FORMATS:
         raise ValidationError(f"unknown dataset format {format!r}: use auto or one of {', '.join(FORMATS)}")
     if limit is not None and limit < 0:
