@@ -166,6 +166,53 @@ class RAGMethod(FactListMethod):
                 for q, found in zip(queries, hits)]
 
 
+class RAGSubjectMethod(RAGMethod):
+    """RAG over the facts whose subject the query names: the gist pool's mention gate, then MiniLM's top k.
+
+    A fair baseline for the gated pool: the same exact filter (editors/incomes/mention runs the pool's own
+    gate), so the two differ only in how the visible facts reach the model. A fact learned without a
+    subject is visible to every query, as a pool row without anchors is. A query that sees no fact is left
+    as it is, the base model's prompt. Unlike the pool, the choice is made once on the query's text:
+    tokens the model goes on to generate never add facts.
+    """
+
+    name = "rag-subject"
+
+    def __init__(self, model, tokenizer, rag_k: int = 10, embedder=None, **kw):
+        super().__init__(model, tokenizer, rag_k=rag_k, embedder=embedder)
+        self.anchors: list[list[list[int]]] = []  # per statement, its subject's anchors ([]: seen by all)
+
+    def learn(self, case: EditCase) -> Learned:
+        from editors.incomes.mention import subject_anchors
+
+        for edit in case.edits:
+            self.anchors.append(subject_anchors(self.tokenizer, edit.subject))
+            self._add(statement(edit.prompt, edit.target))
+        return Learned()
+
+    def restore(self, token) -> None:
+        super().restore(token)
+        del self.anchors[token:]
+
+    def prompts(self, queries: Sequence[str]) -> list[str]:
+        from editors.incomes.mention import visible_facts
+        from editors.prompting import rag_prompt
+
+        seen = visible_facts(self.tokenizer, queries, self.anchors)
+        asked = [i for i, row in enumerate(seen) if any(row)]
+        out = list(queries)
+        if not asked:
+            return out
+        index = self._index_now()
+        # every fact ranked by RAG's own index and scores, then cut to the visible ones: exact, and at
+        # benchmark sizes (hundreds of facts) one flat scan costs no more than a top-k one
+        ranked = index.search_vectors(index.embedder.embed([queries[i] for i in asked]), k=len(self.statements))
+        for i, found in zip(asked, ranked):
+            kept = [self.statements[f] for f, _ in found if seen[i][f]][: self.k]
+            out[i] = rag_prompt(kept, queries[i], style="completion")
+        return out
+
+
 class WeightEditMethod(Method):
     """ICE or FT-M: each case's edits applied in place to the live model, building on the last."""
 
@@ -347,4 +394,4 @@ class NoCopyGistMethod(GistMethod):
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Method, FTMMethod, ICEMethod, GistMethod,
                                                               CosineGistMethod, UngatedGistMethod,
                                                               MentionGistMethod, NoCopyGistMethod, ICLMethod,
-                                                              RAGMethod)}
+                                                              RAGMethod, RAGSubjectMethod)}

@@ -21,8 +21,9 @@ def _configure_eval(p) -> None:
     p.add_argument("--format", default="auto", help="the file's format (default: detect it)")
     p.add_argument("--n", type=int, default=100, help="number of cases (edits) in the stream")
     p.add_argument("--offset", type=int, default=0, help="skip the file's first K cases (e.g. a slice no choice was made on)")
-    p.add_argument("--methods", default="base,ftm,ice,gist,icl,rag",
-                   help="comma-separated: base,ftm,ice,gist,gist-nocopy,gist-cosine,gist-mention,gist-ungated,icl,rag")
+    p.add_argument("--methods", default="base,ftm,ice,gist,icl,rag,rag-subject",
+                   help="comma-separated: base,ftm,ice,gist,gist-nocopy,gist-cosine,gist-mention,gist-ungated,icl,rag,"
+                        "rag-subject")
     p.add_argument("--protocol", default="sequential", choices=["single", "sequential", "retention"])
     p.add_argument("--every", type=int, default=None, help="re-measure all cases so far every K edits (curve points)")
     p.add_argument("--out", required=True, help="output directory (a rerun with the same DIR resumes)")
