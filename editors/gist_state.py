@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import exists, select, update
 
 from editors.incomes.memory import GistMemory
+from memory.atomic import remove_stale_temps
 from memory.errors import NotFoundError, StoreError
 from memory.models import Edit, Event, Fact
 from memory.store import FactStore
@@ -79,6 +80,8 @@ class GistState:
     def open(self) -> int:
         """Load the pool, reconcile it with the store and compress the pending facts; returns the number of
         facts in the pool."""
+        if remove_stale_temps(self.path):
+            log.info("removed the temp files of pool writes a kill interrupted")
         if self.path.exists():
             self.memory.load(self.path)
         applied = self._applied()

@@ -10,6 +10,7 @@ import errno
 import os
 import secrets
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,3 +69,20 @@ def _fsync_dir(directory: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def remove_stale_temps(path: str | Path, older_than_s: float = 60.0) -> int:
+    """Remove the temp files atomic_write left beside `path` when a kill stopped it mid-write. Only files
+    older than `older_than_s` go: a younger one may belong to a write still under way. Returns how many."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return 0
+    cutoff, removed = time.time() - older_than_s, 0
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass  # another process removed it first
+    return removed

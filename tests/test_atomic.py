@@ -70,3 +70,20 @@ def test_the_file_is_fsynced_before_the_rename_and_the_directory_after(tmp_path,
     monkeypatch.setattr(os, "replace", replace)
     atomic_write(tmp_path / "delta.safetensors", lambda tmp: tmp.write_bytes(b"x"))
     assert steps == ["fsync file", "rename", "fsync dir"]
+
+
+def test_stale_temp_files_of_killed_writes_are_removed_young_ones_kept(tmp_path):
+    import os
+
+    from memory.atomic import remove_stale_temps
+
+    target = tmp_path / "pool.safetensors"
+    old, young = tmp_path / ".pool.safetensors.dead.tmp", tmp_path / ".pool.safetensors.live.tmp"
+    other = tmp_path / ".other.safetensors.dead.tmp"
+    for f in (old, young, other):
+        f.write_bytes(b"half a file")
+    os.utime(old, (0, 0))
+    os.utime(other, (0, 0))
+    assert remove_stale_temps(target) == 1
+    assert not old.exists() and young.exists() and other.exists()  # only this file's temps, only old ones
+    assert remove_stale_temps(tmp_path / "missing-dir" / "pool.safetensors") == 0
