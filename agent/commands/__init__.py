@@ -1,4 +1,5 @@
 """The subcommands of `engram`, by name: (handler, configure-parser, help)."""
-from agent.commands import bench, demo, editing, evaluate, facts, model
+from agent.commands import bench, demo, editing, evaluate, facts, model, route
 
-REGISTRY = {**facts.COMMANDS, **model.COMMANDS, **editing.COMMANDS, **evaluate.COMMANDS, **bench.COMMANDS, **demo.COMMANDS}
+REGISTRY = {**facts.COMMANDS, **model.COMMANDS, **editing.COMMANDS, **evaluate.COMMANDS, **bench.COMMANDS,
+            **demo.COMMANDS, **route.COMMANDS}

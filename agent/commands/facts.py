@@ -91,6 +91,9 @@ def cmd_status(args) -> int:
     counts["model"] = store.get_meta("model")
     counts["model_fingerprint"] = store.get_meta("model_fingerprint")
     counts["db"] = store.url
+    from agent.router import route_counts
+
+    counts["routes"] = route_counts(store)
     facts = counts["facts"]
     edit_lines = [f"  {backend}: " + ", ".join(f"{k} {v}" for k, v in sorted(st.items()))
                   for backend, st in sorted(counts["edits"].items())] or ["  none"]
@@ -104,6 +107,9 @@ def cmd_status(args) -> int:
         f"contexts {counts['contexts']}",
         "edits", *edit_lines,
         f"gist pool {counts['gist_pool']} facts{pending}",
+        "routes   " + ("; ".join(f"{route}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
+                                  for route, c in sorted(counts["routes"].items()) if c.get("routed"))
+                       or "none routed"),
         f"model    {model}",
     ])
     emit(args, counts, text)
