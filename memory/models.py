@@ -117,3 +117,35 @@ class EvalPoint(Base):
     n_edits: Mapped[int] = mapped_column(Integer)
     metric: Mapped[str] = mapped_column(String(32))
     value: Mapped[float | None] = mapped_column(Float)
+
+
+class Stage(Base):
+    """Where one fact stands in the agent loop (agent/loop): stored -> contexts -> routed -> applied, or
+    failed (parked after too many failed attempts) or dropped (superseded or deleted before it was applied).
+
+    A process works on a fact only while it holds the fact's lease (owner id, expiry as epoch seconds).
+    `edit_id` is the pending `edits` row the routing decision created; the stage settles from that row's
+    outcome, so an edit committed just before a kill is completed on restart, never redone."""
+
+    __tablename__ = "stages"
+    fact_id: Mapped[int] = mapped_column(ForeignKey("facts.id"), primary_key=True)
+    stage: Mapped[str] = mapped_column(String(16), index=True)
+    route: Mapped[str | None] = mapped_column(String(16))  # ice | gist, once routed
+    edit_id: Mapped[int | None] = mapped_column(ForeignKey("edits.id"))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # failed attempts (an error was recorded)
+    takeovers: Mapped[int] = mapped_column(Integer, default=0)  # leases taken from a process that died
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_until: Mapped[float | None] = mapped_column(Float)  # epoch seconds: floats compare in any backend
+    error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SourceOffset(Base):
+    """How far the agent has read one source (a tailed file): complete lines only, committed together
+    with the facts those lines gave, so a restart neither re-reads nor skips a line."""
+
+    __tablename__ = "source_offsets"
+    key: Mapped[str] = mapped_column(String(1000), primary_key=True)  # the source's identity (absolute path)
+    offset: Mapped[int] = mapped_column(Integer, default=0)  # bytes
+    line: Mapped[int] = mapped_column(Integer, default=0)  # lines, for the line numbers of messages
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -156,7 +156,10 @@ def render(run_dir: Path, comparisons: list[tuple[str, str]] = ()) -> str:
     notes = fill_intervals(run_dir, results)
     methods = {k: v for k, v in results["methods"].items() if v.get("available", True)}
     gone = {k: v.get("reason") for k, v in results["methods"].items() if not v.get("available", True)}
-    out = [f"**{Path(results['dataset']).name}**, n = {results['n_edits']}, protocol {results['protocol']}, "
+    manifest = run_dir / "run.json"  # the run's settings: which slice of the file it read
+    offset = json.loads(manifest.read_text()).get("offset", 0) if manifest.exists() else 0
+    cases = f"cases {offset}-{offset + results['n_edits'] - 1}" if offset else f"n = {results['n_edits']}"
+    out = [f"**{Path(results['dataset']).name}**, {cases}, protocol {results['protocol']}, "
            f"model {results['model']}, {results['wall_seconds'] / 60:.0f} min wall on "
            f"{results['machine'].get('cpus')} CPUs ({results['machine'].get('cuda') or 'no GPU'})", ""]
     if results["protocol"] == "sequential":
