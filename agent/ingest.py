@@ -77,14 +77,14 @@ class IngestReport:
 
 
 @dataclass
-class _Shape:
+class StreamShape:
     """What the reader saw of the input as a whole, for the empty-input warnings."""
     lines: int = 0
     records: int = 0
     header: bool = False
 
 
-def _reason(exc: Exception) -> str:
+def rejection_reason(exc: Exception) -> str:
     """A per-record failure as its rejection reason: whatever went wrong, it costs only this record."""
     if isinstance(exc, ValidationError):
         return str(exc)
@@ -110,7 +110,7 @@ def _text_problem(line: str) -> str | None:
     return f"contains an unpaired surrogate \\u{ord(ch):04x} at column {column}"
 
 
-def _lines(stream: io.TextIOBase, shape: _Shape) -> Iterator[tuple[int, str, str | None]]:
+def _lines(stream: io.TextIOBase, shape: StreamShape) -> Iterator[tuple[int, str, str | None]]:
     """Physical lines, each read with a size limit; a bad line comes with its reason instead of its text."""
     number = 0
     while True:
@@ -144,7 +144,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 _DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)  # one decoder: json.loads(hook=) builds one per call
 
 
-def _jsonl_records(stream: io.TextIOBase, shape: _Shape) -> Iterator[Record]:
+def jsonl_records(stream: io.TextIOBase, shape: StreamShape) -> Iterator[Record]:
     for number, line, problem in _lines(stream, shape):
         if problem is None and not line.strip():
             continue
@@ -156,7 +156,7 @@ def _jsonl_records(stream: io.TextIOBase, shape: _Shape) -> Iterator[Record]:
             # A BOM at a line's start (files joined with cat) is not JSON, and cannot change its meaning.
             yield number, _DECODER.decode(line.lstrip("\ufeff")), None
         except Exception as exc:  # noqa: BLE001 - any decoding failure is this line's rejection
-            yield number, None, _reason(exc)
+            yield number, None, rejection_reason(exc)
 
 
 def _csv_value(key: str, value: str):
@@ -183,7 +183,7 @@ def _csv_header(names: list[str]) -> list[str]:
     return names
 
 
-def _csv_records(stream: io.TextIOBase, shape: _Shape) -> Iterator[Record]:
+def _csv_records(stream: io.TextIOBase, shape: StreamShape) -> Iterator[Record]:
     bad: dict[int, str] = {}  # physical line -> reason; the reader sees a blank line in its place
 
     def feed() -> Iterator[str]:
@@ -242,7 +242,7 @@ def _csv_row(names: list[str], row: list[str]) -> tuple[object, str | None]:
                 return None, f"column {column} has a value but no header name"
             record[name] = _csv_value(name, value)
     except Exception as exc:  # noqa: BLE001 - e.g. a contexts cell nested too deeply
-        return None, _reason(exc)
+        return None, rejection_reason(exc)
     return record, None
 
 
@@ -260,8 +260,8 @@ def ingest_stream(store: FactStore, stream: io.TextIOBase, fmt: str = "jsonl", b
     """Ingest a text stream. Open files with `open_text` so bad bytes become per-line rejections."""
     report = IngestReport()
     start = time.perf_counter()
-    shape = _Shape()
-    records = _csv_records(stream, shape) if fmt == "csv" else _jsonl_records(stream, shape)
+    shape = StreamShape()
+    records = _csv_records(stream, shape) if fmt == "csv" else jsonl_records(stream, shape)
     bar = progress(total=total_bytes, unit="B", unit_scale=True, desc="ingest") if total_bytes else progress(desc="ingest", unit=" facts")
     try:
         with bar:
@@ -290,7 +290,7 @@ def _ingest_records(store: FactStore, stream: io.TextIOBase, records: Iterator[R
                 fact.content_hash  # noqa: B018 - hashing fails here, for this record, not in the batch
                 batch.append((number, fact))
             except Exception as exc:  # noqa: BLE001 - any per-record failure is its rejection
-                error = _reason(exc)
+                error = rejection_reason(exc)
         if error is not None:
             report.rejected += 1
             report.errors.append(IngestError(number, error))

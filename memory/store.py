@@ -178,14 +178,25 @@ class FactStore:
                 f"({fingerprint}); open it with {flag} {bound_name} or use another --db")
 
     # -- facts ----------------------------------------------------------------------------------
-    def add_facts(self, facts: Sequence[FactInput], pending_backend: str | None = None) -> AddReport:
-        """Store a batch in one transaction: active duplicates are no-ops, newer targets supersede,
-        superseded or deleted facts asserted again are reactivated. With `pending_backend`, every fact
-        stored or reactivated (and still active at the end) gets a pending edit row for that backend."""
+    @contextmanager
+    def _joined(self, session: Session | None) -> Iterator[Session]:
+        """The caller's transaction when one is given (the caller commits it), else one of our own."""
+        if session is not None:
+            yield session
+            return
+        with self.transaction() as s:
+            yield s
+
+    def add_facts(self, facts: Sequence[FactInput], pending_backend: str | None = None,
+                  session: Session | None = None) -> AddReport:
+        """Store a batch in one transaction (the caller's `session`, if given): active duplicates are
+        no-ops, newer targets supersede, superseded or deleted facts asserted again are reactivated. With
+        `pending_backend`, every fact stored or reactivated (and still active at the end) gets a pending
+        edit row for that backend."""
         report = AddReport()
         if not facts:
             return report
-        with self.transaction() as s:
+        with self._joined(session) as s:
             hashes = list({f.content_hash for f in facts})
             rows = s.execute(select(Fact.content_hash, Fact.id, Fact.status, Fact.superseded_by)
                              .where(Fact.content_hash.in_(hashes))).all()

@@ -1,5 +1,5 @@
 """The subcommands of `engram`, by name: (handler, configure-parser, help)."""
-from agent.commands import bench, demo, editing, evaluate, facts, model, route
+from agent.commands import bench, demo, editing, evaluate, facts, model, route, run
 
 REGISTRY = {**facts.COMMANDS, **model.COMMANDS, **editing.COMMANDS, **evaluate.COMMANDS, **bench.COMMANDS,
-            **demo.COMMANDS, **route.COMMANDS}
+            **demo.COMMANDS, **route.COMMANDS, **run.COMMANDS}

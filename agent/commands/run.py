@@ -1,0 +1,69 @@
+"""`engram run`: the long-running agent over one or more fact sources (the loop is agent/loop)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.commands.common import load_state, open_gist, open_store
+from agent.commands.facts import CONTEXT_CHOICES, _context_generator_kind
+from memory.errors import ConfigError
+
+
+def _configure_run(p) -> None:
+    p.add_argument("--source", action="append", required=True, metavar="FILE|DIR|-",
+                   help="a JSONL file to tail, a folder whose *.jsonl files are tailed, or - for standard input; "
+                        "repeat for several")
+    p.add_argument("--until-idle", action="store_true",
+                   help="process what the sources hold now, then exit (1 if lines were rejected or facts failed)")
+    p.add_argument("--contexts", default="template", choices=CONTEXT_CHOICES,
+                   help="paraphrase contexts for ICE (default: template, offline and fast); auto = OpenAI-compatible "
+                        "if ENGRAM_CONTEXT_BASE_URL is set, else the local model")
+    p.add_argument("--gist-addon", default=None, help="directory of a trained gist add-on (default: the shipped one)")
+    p.add_argument("--no-rag", action="store_true", help="do not keep the RAG index in step with the store")
+    p.add_argument("--max-attempts", type=int, default=3, help="failed attempts before a fact is parked (default 3)")
+    p.add_argument("--batch", type=int, default=16, help="facts claimed per round (default 16)")
+    p.add_argument("--poll", type=float, default=0.5, help="seconds between looks at idle sources (default 0.5)")
+
+
+def cmd_run(args) -> int:
+    from agent.loop.loop import AgentLoop, Backends, LoopConfig
+    from agent.loop.routing import default_router
+    from agent.loop.sources import Offsets, open_sources
+    from agent.loop.view import make_view
+    from memory.stages import read_offset
+
+    # Every choice is checked before the model loads.
+    config = LoopConfig(max_attempts=args.max_attempts, batch=args.batch, poll_s=args.poll, until_idle=args.until_idle)
+    if args.gist_addon and not Path(args.gist_addon).is_dir():
+        raise ConfigError(f"gist add-on directory {args.gist_addon} does not exist")
+    kind = _context_generator_kind(args.contexts) if args.contexts != "none" else None
+    offsets = Offsets(lambda key: read_offset(store, key))  # read on the first poll, once `store` is open
+    sources = open_sources(args.source, offsets)  # a mistyped source fails before a store is created
+    store = open_store(args, create=True)
+    router = default_router(store)
+
+    _, loaded, state = load_state(args, writer=True, store=store)
+    try:
+        from editors.registry import make_editor
+
+        generator = None
+        if kind is not None:
+            from agent.enrich import generator_from_args
+
+            generator = generator_from_args(kind, loaded)
+        rag = None
+        if not args.no_rag:
+            from memory.vector import VectorIndex
+
+            rag = VectorIndex(directory=store.data_dir / "rag")
+        backends = Backends(state=state, editor=make_editor(config.weight_backend, loaded.model, loaded.tokenizer),
+                            router=router, open_gist=lambda: open_gist(args, store, loaded, required=True),
+                            generator=generator, rag=rag)
+        return AgentLoop(store, sources, backends, make_view(args.json), config, offsets).run()
+    finally:
+        state.close()
+
+
+COMMANDS = {
+    "run": (cmd_run, _configure_run, "the agent: tail fact sources and move every fact through its stages "
+                                     "(contexts, routing, weights or gist pool), surviving kills"),
+}
