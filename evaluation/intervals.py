@@ -143,6 +143,18 @@ def paired_difference_interval(a_cases: Values, b_cases: Values, n_resamples: in
     return _percentile(means[:, 0] - means[:, 1], level)
 
 
+def difference_interval(a_cases: Values, b_cases: Values, n_resamples: int = N_RESAMPLES, seed: int = SEED,
+                        level: float = LEVEL) -> Interval | None:
+    """The interval of mean(a) - mean(b) for two independent sets of cases (two slices of a file): each
+    side resampled on its own. None when either side has fewer than MIN_CASES cases."""
+    a, b = as_array(a_cases), as_array(b_cases)
+    if min((~np.isnan(a)).sum(), (~np.isnan(b)).sum()) < MIN_CASES:
+        return None
+    left = resampled_means(a[:, None], n_resamples, seed)[:, 0]
+    right = resampled_means(b[:, None], n_resamples, seed + 1)[:, 0]
+    return _percentile(left - right, level)
+
+
 def within_noise(interval: Interval | None) -> bool:
     """True when the interval of a difference contains 0: not a win either way."""
     return interval is not None and interval[0] <= 0.0 <= interval[1]

@@ -218,3 +218,13 @@ def test_compare_prints_a_paired_difference(run_dir, capsys):
     assert "Cannot compare" in _table(capsys, run_dir, "--compare", "icl,nope")
     with pytest.raises(SystemExit):
         results_table.main([str(run_dir), "--compare", "icl"])
+
+
+def test_the_difference_of_two_independent_slices():
+    from evaluation.intervals import difference_interval, within_noise
+
+    same = [1.0, 0.0] * 50
+    assert within_noise(difference_interval(same, list(same)))
+    low, high = difference_interval([1.0] * 90 + [0.0] * 10, [1.0] * 50 + [0.0] * 50)
+    assert 0.2 < low < 0.4 < high < 0.55 and not within_noise((low, high))  # 0.9 - 0.5 = 0.4
+    assert difference_interval([1.0], [0.0, 1.0]) is None
