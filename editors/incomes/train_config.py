@@ -46,7 +46,7 @@ class TrainConfig:
     continuation_prob: float = 0.0  # chance a query goes on past its answer with another fact's sentence (KL)
     after_answer_weight: float = 1.0  # multiplies the KL at that position (greedy text after the answer)
     later_answer_weight: float = 1.0  # multiplies CE and KL on answer tokens after the first
-    holdout: int = 200  # facts of the train files never trained on, for the periodic checks
+    holdout: int = 300  # train facts never trained on (with seed 0: the validation split, docs/validation.md)
     eval_every: int = 100  # steps between held-out checks (0 = none)
     eval_seconds: float = 0.0  # also check every this many seconds (0 = off)
     eval_facts: int = 100  # gists in the held-out pool; the final check pools all `holdout` facts this many at a time
