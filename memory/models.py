@@ -149,3 +149,23 @@ class SourceOffset(Base):
     offset: Mapped[int] = mapped_column(Integer, default=0)  # bytes
     line: Mapped[int] = mapped_column(Integer, default=0)  # lines, for the line numbers of messages
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class FactExtraction(Base):
+    """What agent/extract found in a text fact's sentence (issue 22, item 3): one row per attempt, the
+    latest being current. status "ok" carries the four fields and how they were found (rules | openai |
+    local); status "none" carries only the reason the sentence stays a text fact. The fact row itself is
+    filled from an ok row by agent.extract.apply_extraction; its content_hash never changes."""
+
+    __tablename__ = "extractions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    fact_id: Mapped[int] = mapped_column(ForeignKey("facts.id"), index=True)
+    status: Mapped[str] = mapped_column(String(8))  # ok | none
+    method: Mapped[str | None] = mapped_column(String(16))  # rules | openai | local; None when nothing was found
+    generator: Mapped[str | None] = mapped_column(String(200))  # e.g. "openai:gpt-4o-mini", "rules"
+    subject: Mapped[str | None] = mapped_column(String(300))
+    relation: Mapped[str | None] = mapped_column(String(200))
+    prompt: Mapped[str | None] = mapped_column(Text)
+    target: Mapped[str | None] = mapped_column(String(300))
+    reason: Mapped[str | None] = mapped_column(Text)  # why nothing was found, or why the LLM was overruled
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

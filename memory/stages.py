@@ -1,8 +1,10 @@
 """Durable stages of the agent loop, at the store level: claims under leases, transitions, outcomes.
 
 A fact the agent ingests gets a `stages` row in the transaction that stores it, and then moves
-stored -> contexts -> routed -> applied. Two more ends: `failed` (parked after `max_attempts` failed
-attempts, with its last error) and `dropped` (superseded or deleted before it was applied).
+stored -> contexts -> routed -> applied; with verified routing it passes `verifying` between routed and
+applied (its edit is applied, the greedy check of its own prompt is owed: agent/loop/verify.py). Two
+more ends: `failed` (parked after `max_attempts` failed attempts, with its last error) and `dropped`
+(superseded or deleted before it was applied).
 
 - **Claims.** A process works on a fact only while it holds the row's lease (owner id + expiry). A
   lease is stale when it expired, or when its owner was a process on this host that no longer runs:
@@ -12,8 +14,8 @@ attempts, with its last error) and `dropped` (superseded or deleted before it wa
   result and its stage commit together or not at all.
 - **Settling.** Routing creates the pending `edits` row (the existing work queue) that the editors
   fulfil. A stage at `routed` takes its outcome from that row once the row is no longer pending:
-  applied -> applied; failed -> a failed attempt; closed (the fact went inactive) -> dropped. An edit
-  committed just before a kill is thereby completed on restart, never redone.
+  applied -> applied (or verifying); failed -> a failed attempt; closed (the fact went inactive) ->
+  dropped. An edit committed just before a kill is thereby completed on restart, never redone.
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ from memory.errors import StoreError
 from memory.models import Edit, Event, Fact, SourceOffset, Stage, utcnow
 
 STORED, CONTEXTS, ROUTED, APPLIED, FAILED, DROPPED = "stored", "contexts", "routed", "applied", "failed", "dropped"
-STAGES = (STORED, CONTEXTS, ROUTED, APPLIED, FAILED, DROPPED)
-OPEN = (STORED, CONTEXTS, ROUTED)  # stages with work left
+VERIFYING = "verifying"  # applied, its check not recorded yet
+STAGES = (STORED, CONTEXTS, ROUTED, VERIFYING, APPLIED, FAILED, DROPPED)
+OPEN = (STORED, CONTEXTS, ROUTED, VERIFYING)  # stages with work left
 GIST = "gist"  # the gist pool's backend; every other backend edits the weights
 
 
@@ -49,6 +52,7 @@ class Outcome:
     route: str | None = None
     error: str | None = None
     attempts: int = 0
+    verified: bool | None = None  # the check's answer, once one was recorded (None: unchecked or uncheckable)
 
 
 def owner_id() -> str:
@@ -152,7 +156,8 @@ def claim(store, owner: str, lease_s: float, limit: int, max_takeovers: int) -> 
                     "from": row.lease_owner, "stage": row.stage, "takeovers": row.takeovers}))
                 if row.takeovers > max_takeovers:
                     error = f"its {row.stage} step was interrupted {row.takeovers} times (the process died during it)"
-                    parked.append(_park(s, row, error))
+                    # An applied fact whose check keeps killing the process stays applied, unchecked.
+                    parked.append(_unchecked(s, row, error) if row.stage == VERIFYING else _park(s, row, error))
                     continue
             row.lease_owner, row.lease_until, row.updated_at = owner, now + lease_s, utcnow()
             claimed.append(Claimed(row.fact_id, row.stage, row.route, row.attempts))
@@ -236,9 +241,17 @@ def _park(session: Session, row: Stage, error: str) -> Outcome:
     return Outcome(row.fact_id, FAILED, row.route, error, row.attempts)
 
 
-def settle(store, max_attempts: int, fact_ids: Iterable[int] | None = None) -> list[Outcome]:
+def _unchecked(session: Session, row: Stage, error: str) -> Outcome:
+    session.add(Event(fact_id=row.fact_id, kind="verify_skipped", detail={"error": error}))
+    row.stage, row.error = APPLIED, error
+    row.lease_owner = row.lease_until = None
+    return Outcome(row.fact_id, APPLIED, row.route, error, row.attempts)
+
+
+def settle(store, max_attempts: int, fact_ids: Iterable[int] | None = None, verify: bool = False) -> list[Outcome]:
     """Give every `routed` stage whose edit row is no longer pending that row's outcome (see the module
-    doc). Records only what already happened, so it needs no lease; safe to run at any time."""
+    doc). Records only what already happened, so it needs no lease; safe to run at any time. With
+    `verify`, an applied edit moves the stage to `verifying` (its lease kept: the applier checks it next)."""
     query = (select(Stage, Edit, Fact.status).join(Edit, Edit.id == Stage.edit_id).join(Fact, Fact.id == Stage.fact_id)
              .where(Stage.stage == ROUTED, Edit.status != "pending").order_by(Stage.fact_id))
     if fact_ids is not None:
@@ -249,9 +262,11 @@ def settle(store, max_attempts: int, fact_ids: Iterable[int] | None = None) -> l
             applied = edit if edit.status == "applied" else s.scalars(select(Edit).where(
                 Edit.fact_id == row.fact_id, Edit.status == "applied", _same_side(row.route)).order_by(Edit.id)).first()
             if applied is not None:
-                row.stage, row.edit_id, row.error, row.updated_at = APPLIED, applied.id, None, utcnow()
-                row.lease_owner = row.lease_until = None
-                outcomes.append(Outcome(row.fact_id, APPLIED, row.route, attempts=row.attempts))
+                row.stage, row.edit_id, row.error, row.updated_at = (VERIFYING if verify else APPLIED), applied.id, \
+                    None, utcnow()
+                if not verify:
+                    row.lease_owner = row.lease_until = None
+                outcomes.append(Outcome(row.fact_id, row.stage, row.route, attempts=row.attempts))
             elif fact_status != "active":
                 reason = edit.error or f"fact {row.fact_id} is {fact_status}"
                 row.stage, row.error, row.updated_at = DROPPED, reason, utcnow()

@@ -480,12 +480,14 @@ def test_engram_run_on_a_tiny_saved_model(tmp_path, capsys):
     write(path, [fact(1), {"prompt": "x", "target": 3}, fact(2)])
     db = f"sqlite:///{tmp_path / 's.sqlite'}"
     args = ["run", "--source", str(path), "--db", db, "--model", str(tmp_path / "model"), "--device", "cpu",
-            "--gist-addon", str(tmp_path / "addon"), "--no-rag", "--until-idle", "--json"]
+            "--gist-addon", str(tmp_path / "addon"), "--no-rag", "--until-idle", "--json",
+            "--no-verify"]  # the tiny model learns nothing: checks and retries are tests/test_agent_verify.py's
     assert main(args) == 1
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(e["line"], e["reason"]) for e in lines if e["event"] == "rejected"] == [
         (2, "field 'target' must be a string, got int")]
     assert sorted((e["fact_id"], e["route"]) for e in lines if e["event"] == "fact") == [(1, "gist"), (2, "gist")]
+    assert event_kinds(FactStore(db))["verified"] == 0  # --no-verify: no check made
     assert main(args) == 0  # nothing new: nothing read twice, exit 0
     assert [e["event"] for e in map(json.loads, capsys.readouterr().out.splitlines())] == ["stopped"]
     other = tmp_path / "other.sqlite"

@@ -19,6 +19,9 @@ def _configure_run(p) -> None:
                         "if ENGRAM_CONTEXT_BASE_URL is set, else the local model")
     p.add_argument("--gist-addon", default=None, help="directory of a trained gist add-on (default: the shipped one)")
     p.add_argument("--no-rag", action="store_true", help="do not keep the RAG index in step with the store")
+    p.add_argument("--no-verify", action="store_true",
+                   help="do not check each applied fact with a greedy answer to its own prompt (nor retry one "
+                        "its route did not learn on the other route)")
     p.add_argument("--max-attempts", type=int, default=3, help="failed attempts before a fact is parked (default 3)")
     p.add_argument("--batch", type=int, default=16, help="facts claimed per round (default 16)")
     p.add_argument("--poll", type=float, default=0.5, help="seconds between looks at idle sources (default 0.5)")
@@ -55,9 +58,16 @@ def cmd_run(args) -> int:
             from memory.vector import VectorIndex
 
             rag = VectorIndex(directory=store.data_dir / "rag")
+        verifier = None
+        if not args.no_verify:
+            from agent.loop.verify import ModelVerifier
+
+            policy = getattr(router, "policy", None)  # the fallback router has none: the default budget
+            budget = {"max_new_tokens": policy.verify_max_new_tokens} if policy is not None else {}
+            verifier = ModelVerifier(state.model, loaded.tokenizer, **budget)
         backends = Backends(state=state, editor=make_editor(config.weight_backend, loaded.model, loaded.tokenizer),
                             router=router, open_gist=lambda: open_gist(args, store, loaded, required=True),
-                            generator=generator, rag=rag)
+                            generator=generator, rag=rag, verifier=verifier)
         return AgentLoop(store, sources, backends, make_view(args.json), config, offsets).run()
     finally:
         state.close()

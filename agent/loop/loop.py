@@ -4,7 +4,9 @@ One round: ingest new lines (facts, their stage rows and the source offset in on
 stages whose edit rows finished, take superseded facts back out of the weights and the pool, keep the
 RAG index in step, then claim a batch of facts under a lease and step each one on: contexts, routing,
 then the weight edits one by one and the gist facts as one compression batch. A fact that failed
-before is retried alone, so a bad fact never costs its batch-mates an attempt.
+before is retried alone, so a bad fact never costs its batch-mates an attempt. With a verifier, each
+applied fact is checked at once (agent/loop/verify.py) and one its route did not learn goes round again
+on the other route.
 
 Stopping: SIGTERM or SIGINT lets the current step finish and be recorded, then the loop releases its
 leases and returns 0 (a second signal interrupts at once). `until_idle` ends the loop once the sources
@@ -22,14 +24,16 @@ from dataclasses import dataclass, field
 from sqlalchemy.exc import SQLAlchemyError
 
 from agent.loop import stages as steps
+from agent.loop.apply import Applying
 from agent.loop.signals import StopFlag, stop_on_signals
 from agent.loop.sources import Offsets, Source, StdinSource
+from agent.loop.verify import Verifying
 from agent.loop.view import FactReport, Snapshot, View
 from memory.errors import ConfigError, EngramError
 from memory.models import Event
-from memory.stages import (APPLIED, CONTEXTS, DROPPED, FAILED, ROUTED, STORED, LeaseLostError, Outcome, claim,
-                           drop, ice_backlog, open_stages, owner_id, read_offset,
-                           record_failure, release, renew, settle, stage_counts, write_offset)
+from memory.stages import (APPLIED, CONTEXTS, DROPPED, FAILED, ROUTED, STORED, VERIFYING, LeaseLostError, Outcome,
+                           claim, drop, ice_backlog, open_stages, owner_id, read_offset, record_failure, release,
+                           renew, stage_counts, write_offset)
 from memory.store import AddReport, FactStore
 
 log = logging.getLogger(__name__)
@@ -69,6 +73,7 @@ class Backends:
     open_gist: Callable[[], object] | None = None
     generator: object | None = None
     rag: object | None = None
+    verifier: object | None = None  # agent.loop.verify.Verifier; None: applied facts are not checked
 
 
 @dataclass
@@ -87,9 +92,12 @@ class Totals:
     failed: int = 0
     dropped: int = 0
     routes: dict[str, int] = field(default_factory=dict)
+    verified: int = 0  # applied facts whose check gave the target
+    not_learned: int = 0  # applied facts whose (last) check did not
+    retried: int = 0  # facts sent to their other route
 
 
-class AgentLoop:
+class AgentLoop(Applying):
     def __init__(self, store: FactStore, sources: Sequence[Source], backends: Backends, view: View,
                  config: LoopConfig | None = None, offsets: Offsets | None = None):
         self.store, self.sources, self.backends, self.view = store, list(sources), backends, view
@@ -98,6 +106,7 @@ class AgentLoop:
         self.owner = owner_id()
         self.stop = StopFlag()
         self.totals = Totals()
+        self.verify = Verifying(store, self.owner, backends, self.config.weight_backend)
         self._gist, self._gist_error = None, None
         self._track: dict[int, _Track] = {}
         self._rag_dirty = False
@@ -135,7 +144,7 @@ class AgentLoop:
     def round(self) -> bool:
         """One pass; whether it did anything."""
         worked = self._ingest()
-        worked |= self._report(settle(self.store, self.config.max_attempts), recovered=True)
+        worked |= self._report(self._settle(), recovered=True)
         if not self.stop.requested:
             claimed, parked = claim(self.store, self.owner, self.config.lease_s, self.config.batch,
                                     self.config.max_takeovers)
@@ -155,9 +164,11 @@ class AgentLoop:
         from editors.gist_state import has_gist_work
 
         self.backends.state.acquire_writer()
+        self._notes(self.verify.reedit_owed() + self.verify.undo_owed(None))  # what a kill left owed
         if has_gist_work(self.store):
             self._open_gist()  # reconciles the pool with the rows, compresses what was queued
-        self._report(settle(self.store, self.config.max_attempts), recovered=True)
+        self._notes(self.verify.undo_owed(self._gist))
+        self._report(self._settle(), recovered=True)
         self._rag_dirty = True
 
     # -- ingest -----------------------------------------------------------------------------------
@@ -240,14 +251,14 @@ class AgentLoop:
         with self.store.transaction() as s:
             backlog = ice_backlog(s)
         self._open_gist()
-        ready, retry = [], []
+        ready, retry, checks = [], [], []
         try:
             for c in claimed:
                 if self.stop.requested:
                     return
                 fact, stage = facts[c.fact_id], c.stage
                 self._track.setdefault(fact.id, _Track(time.perf_counter(), [stage]))
-                if fact.status != "active":
+                if fact.status != "active" and stage != VERIFYING:  # an applied one ends applied
                     self._drop(fact, stage)
                     continue
                 if stage == STORED and self._step(fact, STORED, steps.contexts_step, self.backends.generator)[0]:
@@ -261,10 +272,12 @@ class AgentLoop:
                         ready.append((fact, routed))
                 elif stage == ROUTED:
                     ready.append((fact, steps.resume_routed(self.store, fact.id)))
+                elif stage == VERIFYING:
+                    checks.append(fact)
             if self.stop.requested:
                 return
             self._housekeep()
-            self._apply(ready)
+            self._apply(ready + self._check(checks))
             for fact in retry:  # alone, after the batch
                 if self.stop.requested:
                     return
@@ -316,32 +329,14 @@ class AgentLoop:
             renew(self.store, self.owner, ids, self.config.lease_s)
             self._claim = (ids, time.monotonic())
 
-    def _apply(self, ready) -> None:
-        weights = [(f, r) for f, r in ready if r.route != GIST]
-        gist = [(f, r) for f, r in ready if r.route == GIST]
-        for fact, routed in weights:
-            if self.stop.requested:
-                return
-            self._renew()
-            if self.backends.editor is None:
-                steps.fail_edits(self.store, [routed.edit_id], "no weight editor is configured")
-            else:
-                steps.apply_weights(self.backends.state, self.backends.editor, fact, routed)
-            self._report(settle(self.store, self.config.max_attempts, [fact.id]))
-        if gist and not self.stop.requested:
-            ids, edits = [f.id for f, _ in gist], [r.edit_id for _, r in gist]
-            self._renew()
-            pool = self._open_gist()
-            if pool is None:
-                steps.fail_edits(self.store, edits, self._gist_error or "no gist pool is configured")
-            else:
-                steps.apply_gist(pool, [f for f, _ in gist], edits)
-            self._report(settle(self.store, self.config.max_attempts, ids))
-
     # -- reporting --------------------------------------------------------------------------------
     def _report(self, outcomes: Sequence[Outcome], recovered: bool = False) -> bool:
         version = None
         for out in outcomes:
+            if out.stage == VERIFYING:  # applied, its check comes next: not an end yet
+                if out.fact_id in self._track:
+                    self._track[out.fact_id].trail.append(VERIFYING)
+                continue
             track = self._track.pop(out.fact_id, None) if out.stage in (APPLIED, FAILED, DROPPED) \
                 else self._track.get(out.fact_id)
             trail = (track.trail if track else [ROUTED]) + [out.stage]
@@ -350,9 +345,11 @@ class AgentLoop:
                 version = self.backends.state.version
             report = FactReport(out.fact_id, out.stage, out.route, track.reason if track else None, trail,
                                 seconds, out.attempts, out.error, version,
-                                recovered=recovered and track is None)
+                                recovered=recovered and track is None, verified=out.verified)
             if out.stage == APPLIED:
                 self.totals.applied += 1
+                self.totals.verified += out.verified is True
+                self.totals.not_learned += out.verified is False
                 self.totals.routes[out.route] = self.totals.routes.get(out.route, 0) + 1
             elif out.stage == FAILED:
                 self.totals.failed += 1
@@ -377,4 +374,5 @@ class AgentLoop:
         return {"stopped": self.stop.why or "done", "stored": t.stored, "duplicates": t.duplicates,
                 "rejected": t.rejected, "applied": t.applied, "failed": t.failed, "dropped": t.dropped,
                 "routes": dict(t.routes), "model_version": self.backends.state.version,
+                "verified": t.verified, "not_learned": t.not_learned, "retried": t.retried,
                 "stages": stage_counts(self.store)["stages"]}

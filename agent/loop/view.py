@@ -27,12 +27,15 @@ class FactReport:
     error: str | None
     model_version: int
     recovered: bool = False  # completed from a previous run's records (no step of ours)
+    verified: bool | None = None  # the check of its own prompt: gave the target, did not, or none made
 
     def line(self) -> str:
         head = f"fact {self.fact_id} {self.stage}"
         if self.route:
             head += f" via {self.route}"
         parts = [head, " -> ".join(self.trail), f"{self.seconds:.2f} s", f"model v{self.model_version}"]
+        if self.verified is not None:
+            parts.append("verified" if self.verified else "not learned")
         if self.recovered:
             parts.append("(recovered from the last run)")
         if self.reason:
@@ -75,7 +78,14 @@ def summary_text(summary: dict) -> str:
     routes = ", ".join(f"{k} {v}" for k, v in sorted(summary["routes"].items())) or "none"
     return (f"stopped ({summary['stopped']}): stored {summary['stored']}, applied {summary['applied']} "
             f"(routes: {routes}), failed {summary['failed']}, dropped {summary['dropped']}, rejected "
-            f"{summary['rejected']} lines; model version {summary['model_version']}")
+            f"{summary['rejected']} lines; model version {summary['model_version']}" + _checks_text(summary))
+
+
+def _checks_text(summary: dict) -> str:
+    if not any(summary.get(k) for k in ("verified", "not_learned", "retried")):
+        return ""
+    return (f"; checked: verified {summary.get('verified', 0)}, not learned {summary.get('not_learned', 0)}, "
+            f"retried on the other route {summary.get('retried', 0)}")
 
 
 @dataclass
