@@ -369,3 +369,21 @@ def test_fixture_has_fifty_sentences_and_the_rules_score_holds():
 def test_extraction_none_helper():
     got = Extraction.none("why")
     assert (got.ok, got.status, got.reason) == (False, "none", "why")
+
+
+def test_the_agent_loop_extracts_a_text_fact_before_routing_it(store):
+    from memory.facts import FactInput
+    from memory.stages import STORED, claim, open_stages, owner_id
+
+    from agent.loop.stages import contexts_step
+
+    fact_id = store.add_facts([FactInput(text="Zorbia's capital is Quellmarsh.")]).new_ids[0]
+    with store.transaction() as s:
+        open_stages(s, [fact_id])
+    owner = owner_id()
+    claimed, _ = claim(store, owner, 60.0, 10, 5)
+    assert [c.fact_id for c in claimed] == [fact_id] and claimed[0].stage == STORED
+    contexts_step(store, owner, store.get_fact(fact_id), None)
+    fact = store.get_fact(fact_id)
+    assert (fact.subject, fact.prompt, fact.target) == ("Zorbia", "The capital of Zorbia is", "Quellmarsh")
+    assert "extracted" in [e.kind for e in store.history(fact_id)]

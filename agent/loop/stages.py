@@ -34,16 +34,28 @@ class Routed:
 
 
 def contexts_step(store: FactStore, owner: str, fact: Fact, generator) -> int:
-    """stored -> contexts; returns how many contexts were generated."""
+    """stored -> contexts; returns how many contexts were generated. A text fact first gets its subject,
+    relation, prompt and target extracted (agent/extract), so the mention gate can scope it and ICE can
+    learn it; a sentence that yields nothing stays a text fact, with the reason recorded."""
+    from agent.extract import apply_extraction, extract_fact, record_extraction
+
     texts, name, error = [], None, None
-    if generator is not None and fact.prompt is not None and fact.target is not None:
+    extraction = None
+    if fact.text and (fact.prompt is None or fact.target is None):
+        extraction = extract_fact(fact.text, generator)  # outside the transaction: a model may take seconds
+    prompt, target = (extraction.prompt, extraction.target) if extraction is not None and extraction.ok \
+        else (fact.prompt, fact.target)
+    if generator is not None and prompt is not None and target is not None:
         with store.transaction() as s:
             has = s.scalar(select(exists().where(Context.fact_id == fact.id)))
         if not has:  # contexts the fact came with are used as they are
             from agent.contexts import contexts_for
 
-            texts, name, error = contexts_for(fact.prompt, fact.target, generator)
+            texts, name, error = contexts_for(prompt, target, generator)
     with store.transaction() as s:
+        if extraction is not None:
+            record_extraction(s, fact.id, extraction)
+            apply_extraction(s, fact, extraction)  # fills the row and `fact` for the route step
         if texts:
             s.execute(insert(Context), [{"fact_id": fact.id, "text": t, "generator": name} for t in texts])
             s.add(Event(fact_id=fact.id, kind="contexts", detail={"generator": name, "n": len(texts)}))
