@@ -19,6 +19,9 @@ def _configure_run(p) -> None:
                         "if ENGRAM_CONTEXT_BASE_URL is set, else the local model")
     p.add_argument("--gist-addon", default=None, help="directory of a trained gist add-on (default: the shipped one)")
     p.add_argument("--no-rag", action="store_true", help="do not keep the RAG index in step with the store")
+    p.add_argument("--eval-every", type=int, default=None, metavar="N",
+                   help="every N applied facts, measure retention, locality and fluency into the store "
+                        "(`engram report` draws them)")
     p.add_argument("--no-verify", action="store_true",
                    help="do not check each applied fact with a greedy answer to its own prompt (nor retry one "
                         "its route did not learn on the other route)")
@@ -35,6 +38,10 @@ def cmd_run(args) -> int:
     from memory.stages import read_offset
 
     # Every choice is checked before the model loads.
+    if args.eval_every is not None:
+        from agent.selfeval import SelfEvalConfig
+
+        SelfEvalConfig(every=args.eval_every)  # raises ConfigError on a bad N
     config = LoopConfig(max_attempts=args.max_attempts, batch=args.batch, poll_s=args.poll, until_idle=args.until_idle)
     if args.gist_addon and not Path(args.gist_addon).is_dir():
         raise ConfigError(f"gist add-on directory {args.gist_addon} does not exist")
@@ -65,9 +72,15 @@ def cmd_run(args) -> int:
             policy = getattr(router, "policy", None)  # the fallback router has none: the default budget
             budget = {"max_new_tokens": policy.verify_max_new_tokens} if policy is not None else {}
             verifier = ModelVerifier(state.model, loaded.tokenizer, **budget)
+        selfeval = None
+        if args.eval_every is not None:
+            from agent.selfeval import SelfEvalConfig, SelfEvaluator
+
+            selfeval = SelfEvaluator(store, loaded.model, loaded.tokenizer, SelfEvalConfig(every=args.eval_every),
+                                     unedited=state.unedited, model_name=loaded.name)
         backends = Backends(state=state, editor=make_editor(config.weight_backend, loaded.model, loaded.tokenizer),
                             router=router, open_gist=lambda: open_gist(args, store, loaded, required=True),
-                            generator=generator, rag=rag, verifier=verifier)
+                            generator=generator, rag=rag, verifier=verifier, selfeval=selfeval)
         return AgentLoop(store, sources, backends, make_view(args.json), config, offsets).run()
     finally:
         state.close()

@@ -80,3 +80,15 @@ class Applying:
     def _notes(self, texts) -> None:
         for text in texts:
             self.view.note(text)
+
+    def _self_evaluate(self, applied: int) -> None:
+        """A point every N applied facts (agent/selfeval); a failed measurement never stops the agent."""
+        reading = self._gist.memory.reading() if self._gist is not None else None
+        try:
+            point = self.backends.selfeval.maybe_run(applied, reading=reading)
+        except Exception as exc:  # noqa: BLE001 - the agent goes on; the note says what broke
+            self.view.note(f"self-evaluation failed: {type(exc).__name__}: {exc}")
+            return
+        if point is not None:
+            self.view.note(f"self-evaluation at {point['n_edits']} applied facts: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in point.items() if k not in ("n_edits", "retention_n")))

@@ -74,6 +74,7 @@ class Backends:
     generator: object | None = None
     rag: object | None = None
     verifier: object | None = None  # agent.loop.verify.Verifier; None: applied facts are not checked
+    selfeval: object | None = None  # agent.selfeval.SelfEvaluator; None: no periodic self-evaluation
 
 
 @dataclass
@@ -154,6 +155,8 @@ class AgentLoop(Applying):
                 worked = True
             else:
                 worked |= self._housekeep()
+        if worked and self.backends.selfeval is not None and not self.stop.requested:
+            self._self_evaluate(stage_counts(self.store)["stages"][APPLIED])
         if self._rag_dirty and self.backends.rag is not None:
             self._sync_rag()
         if self.view.live:
