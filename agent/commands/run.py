@@ -22,9 +22,14 @@ def _configure_run(p) -> None:
     p.add_argument("--eval-every", type=int, default=None, metavar="N",
                    help="every N applied facts, measure retention, locality and fluency into the store "
                         "(`engram report` draws them)")
+    p.add_argument("--eval-sample", type=int, default=None, metavar="K",
+                   help="learned facts whose retention each self-evaluation measures (default 20)")
     p.add_argument("--no-verify", action="store_true",
                    help="do not check each applied fact with a greedy answer to its own prompt (nor retry one "
                         "its route did not learn on the other route)")
+    p.add_argument("--consolidate-when-idle", action="store_true",
+                   help="while the sources are idle, move global facts from the gist pool into verified ICE weight "
+                        "edits, one at a time (off by default: weight edits cost more locality than the pool)")
     p.add_argument("--max-attempts", type=int, default=3, help="failed attempts before a fact is parked (default 3)")
     p.add_argument("--batch", type=int, default=16, help="facts claimed per round (default 16)")
     p.add_argument("--poll", type=float, default=0.5, help="seconds between looks at idle sources (default 0.5)")
@@ -41,8 +46,11 @@ def cmd_run(args) -> int:
     if args.eval_every is not None:
         from agent.selfeval import SelfEvalConfig
 
-        SelfEvalConfig(every=args.eval_every)  # raises ConfigError on a bad N
-    config = LoopConfig(max_attempts=args.max_attempts, batch=args.batch, poll_s=args.poll, until_idle=args.until_idle)
+        eval_config = SelfEvalConfig(every=args.eval_every, **_sample(args))  # raises ConfigError on a bad N or K
+    elif args.eval_sample is not None:
+        raise ConfigError("--eval-sample needs --eval-every")
+    config = LoopConfig(max_attempts=args.max_attempts, batch=args.batch, poll_s=args.poll, until_idle=args.until_idle,
+                        consolidate_when_idle=args.consolidate_when_idle)
     if args.gist_addon and not Path(args.gist_addon).is_dir():
         raise ConfigError(f"gist add-on directory {args.gist_addon} does not exist")
     kind = _context_generator_kind(args.contexts) if args.contexts != "none" else None
@@ -74,16 +82,28 @@ def cmd_run(args) -> int:
             verifier = ModelVerifier(state.model, loaded.tokenizer, **budget)
         selfeval = None
         if args.eval_every is not None:
-            from agent.selfeval import SelfEvalConfig, SelfEvaluator
+            from agent.selfeval import SelfEvaluator
 
-            selfeval = SelfEvaluator(store, loaded.model, loaded.tokenizer, SelfEvalConfig(every=args.eval_every),
+            selfeval = SelfEvaluator(store, loaded.model, loaded.tokenizer, eval_config,
                                      unedited=state.unedited, model_name=loaded.name)
-        backends = Backends(state=state, editor=make_editor(config.weight_backend, loaded.model, loaded.tokenizer),
-                            router=router, open_gist=lambda: open_gist(args, store, loaded, required=True),
-                            generator=generator, rag=rag, verifier=verifier, selfeval=selfeval)
+        editor = make_editor(config.weight_backend, loaded.model, loaded.tokenizer)
+        consolidator = None
+        if args.consolidate_when_idle:
+            from agent.consolidate import Consolidator, weights_check
+
+            policy = getattr(router, "policy", None)
+            check = weights_check(state.model, loaded.tokenizer, getattr(policy, "verify_max_new_tokens", None))
+            consolidator = lambda gist: Consolidator(store, state, editor, gist, check, policy)  # noqa: E731
+        backends = Backends(state=state, editor=editor, router=router,
+                            open_gist=lambda: open_gist(args, store, loaded, required=True), generator=generator,
+                            rag=rag, verifier=verifier, selfeval=selfeval, consolidator=consolidator)
         return AgentLoop(store, sources, backends, make_view(args.json), config, offsets).run()
     finally:
         state.close()
+
+
+def _sample(args) -> dict:
+    return {} if args.eval_sample is None else {"sample": args.eval_sample}
 
 
 COMMANDS = {

@@ -7,6 +7,7 @@ and goes round once more; the router allows one retry a fact, so the rounds end.
 """
 from __future__ import annotations
 
+from agent.consolidate import ConsolidationResult
 from agent.loop import stages as steps
 from memory.stages import ROUTED, VERIFYING, LeaseLostError, Outcome, settle
 
@@ -16,6 +17,9 @@ GIST = "gist"
 class Applying:
     """Needs the loop's store, config, backends, view, stop, totals, verify (Verifying), _gist, _track,
     _renew(), _report() and _open_gist()."""
+
+    _consolidator = None  # made on the first idle round with consolidation on
+    _consolidated = None  # its ConsolidationResult, over this process's life
 
     def _apply(self, ready) -> None:
         while ready and not self.stop.requested:  # a retry goes round once more, on its other route
@@ -76,6 +80,27 @@ class Applying:
                 track.reason = checked.retry.reason
             retries.append((fact, checked.retry))
         return retries
+
+    def _consolidate_idle(self) -> bool:
+        """With consolidate_when_idle, one fact from the pool into the weights per idle round (so a new
+        source line waits for one edit at most); whether one was tried."""
+        make = self.backends.consolidator
+        if not self.config.consolidate_when_idle or make is None or self.stop.requested:
+            return False
+        gist = self._open_gist()
+        if gist is None:
+            return False
+        if self._consolidator is None:
+            self._consolidator, self._consolidated = make(gist), ConsolidationResult()
+            self._consolidator.reconcile(self._consolidated)  # what a kill left half done
+        todo = self._consolidator.candidates(limit=1)
+        if not todo:
+            return False
+        self._consolidator.step(todo[0], self._consolidated)
+        moved = todo[0] in self._consolidated.consolidated
+        self.view.note(f"fact {todo[0]}: " + ("consolidated into the weights (its gist left the pool)" if moved
+                       else self._consolidated.errors.get(todo[0], "ICE did not learn it; its gist stays")))
+        return True
 
     def _notes(self, texts) -> None:
         for text in texts:

@@ -52,6 +52,7 @@ class LoopConfig:
     read_lines: int = 1000  # source lines per ingest transaction
     poll_s: float = 0.5  # idle wait between rounds
     until_idle: bool = False
+    consolidate_when_idle: bool = False  # move global gist facts into verified weight edits while idle
     weight_backend: str = "ice"  # the edits backend of the "ice" route
 
     def __post_init__(self) -> None:
@@ -75,6 +76,7 @@ class Backends:
     rag: object | None = None
     verifier: object | None = None  # agent.loop.verify.Verifier; None: applied facts are not checked
     selfeval: object | None = None  # agent.selfeval.SelfEvaluator; None: no periodic self-evaluation
+    consolidator: Callable[[object], object] | None = None  # opened GistState -> agent.consolidate.Consolidator
 
 
 @dataclass
@@ -120,7 +122,7 @@ class AgentLoop(Applying):
             try:
                 self._start()
                 while not self.stop.requested:
-                    if self.round():
+                    if self.round() or self._consolidate_idle():
                         continue
                     if self.config.until_idle and all(self._idle(s) for s in self.sources):
                         self.stop.request("idle")
