@@ -464,8 +464,23 @@ def test_the_live_view_shows_rate_queue_routes_and_model_version():
     view.close({"stopped": "idle", "stored": 5, "applied": 2, "failed": 0, "dropped": 0, "rejected": 0,
                 "routes": {"gist": 2}, "model_version": 7})
     text = buffer.getvalue()
-    for expected in ("facts/min", "stored 3", "gist 2", "version 7", "gist pool 2", "fact 9 applied via gist"):
+    for expected in ("facts/min", "stored 3", "gist 2", "version 7", "gist pool 2", "fact 9 applied via gist",
+                     "periodic evaluation is off"):
         assert expected in text, expected
+
+
+def test_the_live_view_shows_the_last_evaluation():
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    view = LiveView(Console(file=buffer, force_terminal=True, width=120))
+    view.tick(Snapshot({"applied": 0}, {}, 0, evaluating=True))
+    view.tick(Snapshot({"applied": 50}, {"gist": 50}, 0, evaluating=True,
+                       last_eval={"n_edits": 50, "retention_tf": 0.98, "locality": 0.9125, "eval_seconds": 3.0}))
+    view.close({"stopped": "idle", "stored": 50, "applied": 50, "failed": 0, "dropped": 0, "rejected": 0,
+                "routes": {"gist": 50}, "model_version": 0})
+    text = buffer.getvalue()
+    assert "none yet" in text and "at 50 applied: retention_tf 0.980  locality 0.912" in text
 
 
 def test_engram_run_on_a_tiny_saved_model(tmp_path, capsys):

@@ -372,7 +372,10 @@ class AgentLoop(Applying):
     def snapshot(self) -> Snapshot:
         counts = stage_counts(self.store)
         pool = len(self._gist.memory) if self._gist is not None else None
-        return Snapshot(counts["stages"], counts["routes"], self.backends.state.version, pool)
+        selfeval = self.backends.selfeval
+        last = selfeval.last_point() if selfeval is not None else None
+        return Snapshot(counts["stages"], counts["routes"], self.backends.state.version, pool,
+                        evaluating=selfeval is not None, last_eval=last)
 
     def summary(self) -> dict:
         t = self.totals

@@ -51,6 +51,21 @@ class Snapshot:
     routes: dict[str, int]
     model_version: int
     pool: int | None = None  # facts in the gist pool, once it is open
+    evaluating: bool = False  # whether this run measures itself (--eval-every)
+    last_eval: dict | None = None  # its newest point: {"n_edits": n, metric: value, ...}
+
+
+LIVE_METRICS = ("retention_tf", "retention_gen", "locality", "fluency")
+
+
+def eval_text(snap: Snapshot | None) -> str:
+    if snap is None or not snap.evaluating:
+        return "none (periodic evaluation is off: --eval-every N)"
+    point = snap.last_eval
+    if not point:
+        return "none yet"
+    values = "  ".join(f"{k} {point[k]:.3f}" for k in LIVE_METRICS if point.get(k) is not None)
+    return f"at {point['n_edits']} applied: {values}"
 
 
 class View(Protocol):
@@ -186,7 +201,7 @@ class LiveView:
             table.add_row("routes", "  ".join(f"{k} {v}" for k, v in sorted(snap.routes.items())) or "none yet")
             pool = "" if snap.pool is None else f"   gist pool {snap.pool} facts"
             table.add_row("model", f"version {snap.model_version}{pool}")
-        table.add_row("last eval", "none (periodic evaluation is not part of this run)")
+        table.add_row("last eval", eval_text(snap))
         return Group(Text("engram run", style="bold cyan"), table, Text("\n".join(self.recent), style="dim"))
 
     def _redraw(self) -> None:
