@@ -47,7 +47,7 @@ class SelfEvalConfig:
     sample: int = 20  # K: learned facts whose retention is measured
     seed: int = 0  # of the retention sample
     fluency_n: int = 4  # generated continuations scored for fluency (0: none), decoded as one batch
-    probes_path: str | None = None  # default: the project's own probes (tests/fixtures/locality_probes.jsonl)
+    probes_path: str | None = None  # default: the project's own probes (agent/selfeval/locality_probes.jsonl)
     gen_tokens: int = 12  # cap of retention_gen's greedy budget (the longest target + 1 is used)
     locality_tokens: int = 4  # greedy budget of locality_gen: the answer's first words
     # Decoding steps are the cost (on CPU ~60-90 ms each for the 135M model, whatever the batch), and

@@ -1,6 +1,6 @@
 """The fixed locality probes of periodic self-evaluation, and the base model's answers to them.
 
-The probes are the project's own cloze prompts (tests/fixtures/locality_probes.jsonl, one
+The probes are the project's own cloze prompts (agent/selfeval/locality_probes.jsonl, one
 {"prompt", "answer"} a line), never benchmark data. Locality compares the live model with the *base*
 model on them, so the base answers are computed once per model fingerprint, with the weight edits taken
 out and the gist pool not read, and kept as JSON in the store's data dir (`selfeval/base-<fp>.json`).
@@ -16,11 +16,10 @@ from pathlib import Path
 
 from memory.atomic import atomic_write
 from memory.errors import ConfigError
-from memory.store import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PROBES = REPO_ROOT / "tests" / "fixtures" / "locality_probes.jsonl"
+DEFAULT_PROBES = Path(__file__).with_name("locality_probes.jsonl")  # package data: found when installed too
 CACHE_DIR = "selfeval"  # under the store's data dir
 
 
