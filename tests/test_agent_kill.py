@@ -14,10 +14,6 @@ pool is the same whichever edits came before each compression; the two routes st
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -27,8 +23,9 @@ from sqlalchemy import select
 
 from memory.models import Event, SourceOffset, Stage
 from memory.store import FactStore
-from tests.test_agent_loop import FakeEditor, edit_rows, fact, new_gist_state, write
-from tests.test_kill import ROOT, Workers, _kind, assert_close, copy_of, reader_rebuild, template
+from tests.fakes import FakeEditor, new_gist_state, run_quiet_loop, slow_compression, writer_state, zygote
+from tests.test_agent_loop import edit_rows, fact, write
+from tests.test_kill import Workers, _kind, assert_close, copy_of, reader_rebuild, template
 
 EDIT_SLEEP_S = 0.02
 N_FACTS = 50
@@ -46,77 +43,45 @@ def stream() -> list:
 # -- the worker side ------------------------------------------------------------------------------------------
 def job_loop(cfg: dict, probe) -> None:
     """`engram run --source facts.jsonl --until-idle` on the tiny models, probed (see the module doc)."""
-    from agent.contexts import TemplateContextGenerator
-    from agent.loop.loop import AgentLoop, Backends, LoopConfig
+    from agent.loop.loop import LoopConfig
     from agent.loop.routing import FallbackRouter
-    from agent.loop.sources import FileSource, Offsets
-    from agent.loop.view import LogView
-    from editors.model import tiny_llama
-    from editors.state import ModelState
     from memory.embeddings import HashEmbedder
-    from memory.stages import read_offset
     from memory.vector import VectorIndex
 
-    store = FactStore(cfg["url"])
-    probe.install(store)
-    state = ModelState(store, tiny_llama())
-    state.acquire_writer()
-    state.rebuild()
+    store, state = writer_state(cfg["url"], probe)
 
     def open_gist():
-        gist = new_gist_state(store)
-        compress = gist.memory.add
-
-        def slow_compress(fact_ids, *args, **kwargs):
-            probe(f"compress-start {len(fact_ids)}")
-            time.sleep(EDIT_SLEEP_S)
-            compress(fact_ids, *args, **kwargs)
-            probe("compress-done")
-
-        gist.memory.add = slow_compress
+        gist = slow_compression(new_gist_state(store), probe, EDIT_SLEEP_S)
         gist.open()
         return gist
 
-    offsets = Offsets(lambda key: read_offset(store, key))
-    backends = Backends(state, FakeEditor(state.model, sleep_s=EDIT_SLEEP_S, probe=probe), FallbackRouter(),
-                        open_gist=open_gist, generator=TemplateContextGenerator(),
-                        rag=VectorIndex(HashEmbedder(RAG_DIM), directory=store.data_dir / "rag"))
-    config = LoopConfig(until_idle=True, poll_s=0.0, batch=10, read_lines=20)
-    with open(os.devnull, "w") as quiet:
-        source = FileSource(Path(cfg["file"]), offsets, "facts.jsonl")
-        AgentLoop(store, [source], backends, LogView(quiet, quiet), config, offsets).run()
-    state.close()
+    run_quiet_loop(store, state, cfg["file"], editor=FakeEditor(state.model, sleep_s=EDIT_SLEEP_S, probe=probe),
+                   router=FallbackRouter(), open_gist=open_gist,
+                   rag=VectorIndex(HashEmbedder(RAG_DIM), directory=store.data_dir / "rag"),
+                   config=LoopConfig(until_idle=True, poll_s=0.0, batch=10, read_lines=20))
 
 
 # -- the parent side ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
-    log = tmp_path_factory.mktemp("zygote") / "stderr"
-    boot = f"import tests.test_kill as k, {__name__} as a; k.JOBS['loop'] = a.job_loop; k._zygote()"
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-c", boot], cwd=ROOT, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=err, text=True)
-    try:
+    with zygote(tmp_path_factory, loop=job_loop) as (proc, log):
         yield Workers(proc, log)
-    finally:
-        proc.stdin.close()
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
-def _template(root_parent: Path) -> Path:
+def stream_template(root_parent: Path, records: list) -> Path:
+    """tests/test_kill.py's template store, with `records` in facts.jsonl beside it."""
     def build(store: FactStore) -> None:
-        write(Path(store.db_path).parent / "facts.jsonl", stream())
+        write(Path(store.db_path).parent / "facts.jsonl", records)
 
     return template(root_parent, "template", build)
 
 
-def _cfg(root: Path, name: str) -> dict:
+def stream_cfg(root: Path, name: str) -> dict:
     cfg = copy_of(root, name)
     return {**cfg, "file": str(Path(cfg["dir"]) / "facts.jsonl")}
 
 
-def _restart_cfg(cfg: dict) -> dict:
+def restart_cfg(cfg: dict) -> dict:
     trace_dir = Path(cfg["dir"]) / "restart"
     trace_dir.mkdir()
     return {**cfg, "dir": str(trace_dir)}  # the store and file stay; the trace is the new worker's own
@@ -185,8 +150,8 @@ def plans(events: list[str]) -> list[dict]:
 @pytest.fixture(scope="module")
 def reference(workers, tmp_path_factory):
     """The template store and file, and the uninterrupted run: (root, events, weights, pool)."""
-    root = _template(tmp_path_factory.mktemp("agent-kill"))
-    ref_cfg = _cfg(root, "ref")
+    root = stream_template(tmp_path_factory.mktemp("agent-kill"), stream())
+    ref_cfg = stream_cfg(root, "ref")
     ref = workers.run("loop", ref_cfg)
     assert not ref.killed
     assert {_kind(e) for e in ref.events} >= {"edit-start", "compress-start", "temp-written", "renamed", "commit-before"}
@@ -209,11 +174,11 @@ def check_same_state(cfg: dict, reference, what: str) -> None:
 def test_sigkill_of_the_agent_loop_at_any_moment_applies_every_fact_exactly_once(workers, reference):
     root, events = reference[0], reference[1]
     for i, plan in enumerate(plans(events)):
-        cfg = _cfg(root, f"kill{i}")
+        cfg = stream_cfg(root, f"kill{i}")
         run = workers.run("loop", cfg, **plan)
         assert run.killed or plan.get("trigger") is not None, plan
         assert run.events == events[:len(run.events)], plan  # it stopped where the plan said
-        assert not workers.run("loop", _restart_cfg(cfg)).killed, plan
+        assert not workers.run("loop", restart_cfg(cfg)).killed, plan
         check_exact(cfg)
         check_same_state(cfg, reference, f"kill plan {plan}")
 
@@ -221,11 +186,11 @@ def test_sigkill_of_the_agent_loop_at_any_moment_applies_every_fact_exactly_once
 def test_repeated_kills_then_restarts_until_done_still_apply_every_fact_once(workers, reference):
     """Kill, restart and kill the restart (twice, at other moments), then let it finish."""
     root, events = reference[0], reference[1]
-    cfg = _cfg(root, "chain")
+    cfg = stream_cfg(root, "chain")
     assert workers.run("loop", cfg, freeze=len(events) // 4).killed
     for freeze in (40, 90):  # counted in each restart's own trace
-        cfg = _restart_cfg(cfg)
+        cfg = restart_cfg(cfg)
         assert workers.run("loop", cfg, freeze=freeze).killed
-    assert not workers.run("loop", _restart_cfg(cfg)).killed
+    assert not workers.run("loop", restart_cfg(cfg)).killed
     check_exact(cfg)
     check_same_state(cfg, reference, "three kills in a row")

@@ -15,7 +15,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import torch
 from sqlalchemy import select
 
 from agent.contexts import TemplateContextGenerator
@@ -23,65 +22,11 @@ from agent.loop.loop import AgentLoop, Backends, LoopConfig
 from agent.loop.routing import FallbackRouter
 from agent.loop.sources import FileSource, FolderSource, Offsets, StdinSource
 from agent.loop.view import FactReport, JsonView, LiveView, Snapshot
-from editors.base import EditRequest, EditResult, finalize_delta, snapshot
-from editors.model import tiny_llama, tiny_tokenizer
-from editors.state import ModelState
 from memory.models import Context, Edit, Event, SourceOffset, Stage
 from memory.stages import read_offset
 from memory.store import FactStore
-
-LAST_MLP = ["model.layers.3.mlp.down_proj.weight"]  # after every gist key/value: the pool does not see it
-
-
-class FakeEditor:
-    """w *= 1 + eps * noise(target) on the last layer's MLP: deterministic given the weights it starts from.
-    Targets in `fail` fail (ok=False); `during(request)` runs inside every edit; `probe` reports to a trace."""
-
-    name = "fake"
-
-    def __init__(self, model, fail=(), during=None, sleep_s: float = 0.0, probe=None):
-        self.model, self.fail, self.during, self.sleep_s, self.probe = model, set(fail), during, sleep_s, probe
-        self.calls: list[str] = []
-
-    def parameter_names(self):
-        return list(LAST_MLP)
-
-    def edit(self, request: EditRequest) -> EditResult:
-        if self.probe:
-            self.probe(f"edit-start {request.target}")
-        self.calls.append(request.target)
-        if self.during:
-            self.during(request)
-        time.sleep(self.sleep_s)
-        before = snapshot(self.model, LAST_MLP)
-        if request.target in self.fail:
-            return EditResult(steps=1, loss=9.0, seconds=0.0, delta={}, ok=False, error="did not learn it")
-        gen = torch.Generator().manual_seed(sum(map(ord, request.target)))
-        param = dict(self.model.named_parameters())[LAST_MLP[0]]
-        with torch.no_grad():
-            param.mul_(1 + 1e-2 * torch.randn(param.shape, generator=gen))
-        delta = finalize_delta(self.model, before)
-        if self.probe:
-            self.probe(f"edit-done {request.target}")
-        return EditResult(steps=1, loss=0.5, seconds=self.sleep_s, delta=delta)
-
-    def rollback(self, delta):
-        raise NotImplementedError
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
-def new_gist_state(store):
-    from editors.gist_state import GistState
-    from editors.incomes import GistAddon, GistConfig
-    from editors.incomes.memory import GistMemory
-
-    model = tiny_llama()  # seeded: the same base model and fresh add-on in every process
-    return GistState(store, GistMemory(model, tiny_tokenizer(), GistAddon.for_model(model, GistConfig())))
+from tests.fakes import LAST_MLP  # noqa: F401  (still imported from here: tests/test_consolidate.py)
+from tests.fakes import FakeEditor, new_gist_state, save_tiny_model, writer_state
 
 
 def fact(i: int, subject: bool = True, target: str | None = None) -> dict:
@@ -101,10 +46,7 @@ class Harness:
     """One agent process: the store, the rebuilt live model, the loop's backends, a JSON view into `out`."""
 
     def __init__(self, tmp_path: Path, editor=None, rag=None, gist=new_gist_state, **config):
-        self.store = FactStore(f"sqlite:///{tmp_path / 'store.sqlite'}")
-        self.state = ModelState(self.store, tiny_llama())
-        self.state.acquire_writer()
-        self.state.rebuild()
+        self.store, self.state = writer_state(f"sqlite:///{tmp_path / 'store.sqlite'}")
         self.editor = editor(self.state.model) if callable(editor) else FakeEditor(self.state.model)
         self.gist = None
         self._make_gist = gist
@@ -485,17 +427,13 @@ def test_the_live_view_shows_the_last_evaluation():
 
 def test_engram_run_on_a_tiny_saved_model(tmp_path, capsys):
     from agent.cli import main
-    from editors.incomes import GistAddon, GistConfig
 
-    model = tiny_llama()
-    model.save_pretrained(tmp_path / "model")
-    tiny_tokenizer().save_pretrained(tmp_path / "model")
-    GistAddon.for_model(model, GistConfig()).save(tmp_path / "addon")
+    model, addon = save_tiny_model(tmp_path)
     path = tmp_path / "facts.jsonl"
     write(path, [fact(1), {"prompt": "x", "target": 3}, fact(2)])
     db = f"sqlite:///{tmp_path / 's.sqlite'}"
-    args = ["run", "--source", str(path), "--db", db, "--model", str(tmp_path / "model"), "--device", "cpu",
-            "--gist-addon", str(tmp_path / "addon"), "--no-rag", "--until-idle", "--json",
+    args = ["run", "--source", str(path), "--db", db, "--model", str(model), "--device", "cpu",
+            "--gist-addon", str(addon), "--no-rag", "--until-idle", "--json",
             "--no-verify"]  # the tiny model learns nothing: checks and retries are tests/test_agent_verify.py's
     assert main(args) == 1
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

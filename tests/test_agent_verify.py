@@ -12,9 +12,6 @@ commits and pool writes around failing checks, with the machinery of tests/test_
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,9 +24,12 @@ from editors.model import tiny_llama, tiny_tokenizer
 from editors.state import ModelState
 from memory.models import Edit, Event, Stage
 from memory.store import FactStore
-from tests.test_agent_kill import pool_rows
-from tests.test_agent_loop import LAST_MLP, FakeEditor, Harness, edit_rows, event_kinds, fact, new_gist_state, write
-from tests.test_kill import ROOT, Workers, assert_close, copy_of, reader_rebuild, template
+from tests.fakes import (
+    LAST_MLP, FakeEditor, new_gist_state, run_quiet_loop, save_tiny_model, scale, writer_state, zygote,
+)
+from tests.test_agent_kill import pool_rows, restart_cfg, stream_cfg, stream_template
+from tests.test_agent_loop import Harness, edit_rows, event_kinds, fact, write
+from tests.test_kill import Workers, assert_close, reader_rebuild
 
 
 class Killed(BaseException):
@@ -81,8 +81,7 @@ def expected_weights(*targets: str) -> torch.Tensor:
     """The fake editor's last-layer weight after editing exactly these targets (its edits commute)."""
     param = dict(tiny_llama().named_parameters())[LAST_MLP[0]].detach().clone()
     for target in targets:
-        gen = torch.Generator().manual_seed(sum(map(ord, target)))
-        param.mul_(1 + 1e-2 * torch.randn(param.shape, generator=gen))
+        scale([param], target)
     return param
 
 
@@ -359,17 +358,9 @@ def kill_stream() -> list:
 
 def job_verify(cfg: dict, probe) -> None:
     """`engram run --until-idle` with the real Router and a probed fake check, on the tiny models."""
-    from agent.contexts import TemplateContextGenerator
-    from agent.loop.loop import AgentLoop, Backends, LoopConfig
-    from agent.loop.sources import FileSource, Offsets
-    from agent.loop.view import LogView
-    from memory.stages import read_offset
+    from agent.loop.loop import LoopConfig
 
-    store = FactStore(cfg["url"])
-    probe.install(store)
-    state = ModelState(store, tiny_llama())
-    state.acquire_writer()
-    state.rebuild()
+    store, state = writer_state(cfg["url"], probe)
     verifier = FakeVerifier(store, KILL_MISSES)
     check = verifier.check
 
@@ -384,29 +375,15 @@ def job_verify(cfg: dict, probe) -> None:
         gist.open()
         return gist
 
-    offsets = Offsets(lambda key: read_offset(store, key))
-    backends = Backends(state, FakeEditor(state.model, sleep_s=0.005, probe=probe), Router(), open_gist=open_gist,
-                        generator=TemplateContextGenerator(), verifier=verifier)
-    with open(os.devnull, "w") as quiet:
-        source = FileSource(Path(cfg["file"]), offsets, "facts.jsonl")
-        AgentLoop(store, [source], backends, LogView(quiet, quiet), LoopConfig(until_idle=True, poll_s=0.0),
-                  offsets).run()
-    state.close()
+    run_quiet_loop(store, state, cfg["file"], editor=FakeEditor(state.model, sleep_s=0.005, probe=probe),
+                   router=Router(), open_gist=open_gist, verifier=verifier,
+                   config=LoopConfig(until_idle=True, poll_s=0.0))
 
 
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
-    log = tmp_path_factory.mktemp("zygote") / "stderr"
-    boot = f"import tests.test_kill as k, {__name__} as a; k.JOBS['verify'] = a.job_verify; k._zygote()"
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-c", boot], cwd=ROOT, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=err, text=True)
-    try:
+    with zygote(tmp_path_factory, verify=job_verify) as (proc, log):
         yield Workers(proc, log)
-    finally:
-        proc.stdin.close()
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def outcome(url: str) -> dict:
@@ -431,14 +408,8 @@ def assert_same(got: dict, ref: dict, what: str) -> None:
 
 
 def test_sigkill_around_checks_retries_and_undos_keeps_every_fact_exactly_once(workers, tmp_path):
-    root = template(tmp_path, "template", lambda store: write(Path(store.db_path).parent / "facts.jsonl",
-                                                              kill_stream()))
-
-    def cfg(name: str) -> dict:
-        c = copy_of(root, name)
-        return {**c, "file": str(Path(c["dir"]) / "facts.jsonl")}
-
-    ref_cfg = cfg("ref")
+    root = stream_template(tmp_path, kill_stream())
+    ref_cfg = stream_cfg(root, "ref")
     events = workers.run("verify", ref_cfg).events
     ref = outcome(ref_cfg["url"])
     assert ref["retries"] == {1: 0, 2: 1, 3: 0, 4: 1, 5: 1, 6: 0}
@@ -449,11 +420,9 @@ def test_sigkill_around_checks_retries_and_undos_keeps_every_fact_exactly_once(w
     assert torch.allclose(ref["weights"][LAST_MLP[0]], expected_weights("word1", "word6", "DeafGist"), atol=1e-6)
     assert sorted(ref["pool"]) == [2, 3, 5]
     for j in kill_points(events):
-        c = cfg(f"kill{j}")
+        c = stream_cfg(root, f"kill{j}")
         assert workers.run("verify", c, freeze=j).killed
-        restart = {**c, "dir": str(Path(c["dir"]) / "restart")}
-        Path(restart["dir"]).mkdir()
-        assert not workers.run("verify", restart).killed
+        assert not workers.run("verify", restart_cfg(c)).killed
         assert_same(outcome(c["url"]), ref, f"killed at {j} {events[j]}")
 
 
@@ -484,15 +453,11 @@ def kill_points(events: list[str]) -> list[int]:
 
 def test_engram_run_checks_each_applied_fact(tmp_path, capsys):
     from agent.cli import main
-    from editors.incomes import GistAddon, GistConfig
 
-    model = tiny_llama()
-    model.save_pretrained(tmp_path / "model")
-    tiny_tokenizer().save_pretrained(tmp_path / "model")
-    GistAddon.for_model(model, GistConfig()).save(tmp_path / "addon")
+    model, addon = save_tiny_model(tmp_path)
     path = tmp_path / "facts.jsonl"
     write(path, [{**fact(1), "scope": "user", "user_id": "ann"}, {"text": "Ann keeps bees."}])
-    common = ["--model", str(tmp_path / "model"), "--device", "cpu", "--gist-addon", str(tmp_path / "addon"),
+    common = ["--model", str(model), "--device", "cpu", "--gist-addon", str(addon),
               "--no-rag", "--until-idle", "--json"]
     assert main(["run", "--source", str(path), "--db", f"sqlite:///{tmp_path / 'a.sqlite'}", *common]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -35,56 +35,16 @@ import torch
 from sqlalchemy import event, exists, select
 from sqlalchemy.orm import Session
 
-from editors.base import EditRequest, EditResult, finalize_delta, snapshot
-from editors.model import tiny_llama, tiny_tokenizer
+from editors.model import tiny_llama
 from editors.state import ModelState
 from memory.facts import FactInput
 from memory.models import Edit, Fact
 from memory.store import FactStore
+from tests.fakes import ScaleEditor, add_targets, new_gist_state, slow_compression, weights, writer_state, zygote
 
-ROOT = Path(__file__).resolve().parents[1]
-NAMES = ["model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"]
 EDIT_SLEEP_S = 0.03  # how long one worker-side edit (or gist compression) takes
 WORKER_TIMEOUT_S = 90.0
 TARGETS = ("alpha", "beta", "gamma", "delta", "epsilon")
-
-
-# -- the deterministic fake editor ------------------------------------------------------------------------
-class ScaleEditor:
-    """w *= 1 + eps * noise(target): deterministic given the weights it starts from and the fact, and
-    dependent on those weights, like a real editor. Reports its start and end to `probe`."""
-
-    name = "scale"
-
-    def __init__(self, model, probe=None, sleep_s: float = 0.0):
-        self.model, self.probe, self.sleep_s = model, probe, sleep_s
-
-    def parameter_names(self):
-        return list(NAMES)
-
-    def edit(self, request: EditRequest) -> EditResult:
-        if self.probe:
-            self.probe(f"edit-start {request.target}")
-        before = snapshot(self.model, NAMES)
-        time.sleep(self.sleep_s)
-        gen = torch.Generator().manual_seed(sum(map(ord, request.target)))
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name in NAMES:
-                params[name].mul_(1 + 1e-2 * torch.randn(params[name].shape, generator=gen))
-        delta = finalize_delta(self.model, before)
-        if self.probe:
-            self.probe(f"edit-done {request.target}")
-        return EditResult(steps=1, loss=0.5, seconds=self.sleep_s, delta=delta)
-
-    def rollback(self, delta):
-        raise NotImplementedError
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
 
 # -- the worker side: probes, jobs, the zygote -------------------------------------------------------------
@@ -148,25 +108,15 @@ class Probe:
                 self("commit-after")
 
 
-def _writer_state(url: str, probe: Probe) -> tuple[FactStore, ModelState]:
-    """What `engram edit`/`rollback` do first: the store, the writer lock, the rebuilt live model."""
-    store = FactStore(url)
-    probe.install(store)
-    state = ModelState(store, tiny_llama())
-    state.acquire_writer()
-    state.rebuild()
-    return store, state
-
-
 def job_rollback(cfg: dict, probe: Probe) -> None:
-    _, state = _writer_state(cfg["url"], probe)
-    state.rollback(cfg["fact"], editors={"ftm": ScaleEditor(state.model, probe, EDIT_SLEEP_S)})
+    _, state = writer_state(cfg["url"], probe)
+    state.rollback(cfg["fact"], editors={"ftm": ScaleEditor(state.model, probe=probe, sleep_s=EDIT_SLEEP_S)})
     state.close()
 
 
 def job_edit(cfg: dict, probe: Probe) -> None:
-    _, state = _writer_state(cfg["url"], probe)
-    editor = ScaleEditor(state.model, probe, EDIT_SLEEP_S)
+    _, state = writer_state(cfg["url"], probe)
+    editor = ScaleEditor(state.model, probe=probe, sleep_s=EDIT_SLEEP_S)
     for fact in state.pending_facts():
         assert state.apply(fact, editor, "ftm").ok
     state.close()
@@ -175,16 +125,7 @@ def job_edit(cfg: dict, probe: Probe) -> None:
 def job_gist(cfg: dict, probe: Probe) -> None:
     store = FactStore(cfg["url"])
     probe.install(store)
-    state = gist_state(store)
-    compress = state.memory.add
-
-    def slow_compress(fact_ids, *args, **kwargs):
-        probe(f"compress-start {len(fact_ids)}")
-        time.sleep(EDIT_SLEEP_S)
-        compress(fact_ids, *args, **kwargs)
-        probe("compress-done")
-
-    state.memory.add = slow_compress
+    state = slow_compression(new_gist_state(store), probe, EDIT_SLEEP_S)
     state.open()  # compresses the facts queued before this process
     ingest_gist_batches(store, state)
 
@@ -303,16 +244,8 @@ def _kind(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
-    log = tmp_path_factory.mktemp("zygote") / "stderr"
-    with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-c", f"import {__name__} as t; t._zygote()"], cwd=ROOT,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
-    try:
+    with zygote(tmp_path_factory) as (proc, log):
         yield Workers(proc, log)
-    finally:
-        proc.stdin.close()  # its loop ends; every worker was reaped already
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def kill_plan(events: list[str], slow_kind: str) -> list[dict]:
@@ -347,8 +280,16 @@ def copy_of(root: Path, name: str) -> dict:
     return {"dir": str(target), "url": f"sqlite:///{target / 'store.sqlite'}"}
 
 
-def weights(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+def killed_runs(workers: Workers, job: str, root: Path, ref: Run, slow_kind: str, **extra):
+    """`job` run on a fresh copy of the template `root` (its cfg with `extra`) for each kill of the plan for
+    the uninterrupted run `ref`: yields (i, plan, cfg, run), once the run has stopped where the plan said."""
+    plans = kill_plan(ref.events, slow_kind)
+    assert 8 <= len(plans) <= 10, plans
+    for i, plan in enumerate(plans):
+        cfg = {**copy_of(root, f"kill{i}"), **extra}
+        run = workers.run(job, cfg, **plan)
+        assert run.events == ref.events[:len(run.events)], plan  # it stopped where the plan said
+        yield i, plan, cfg, run
 
 
 def assert_close(a: dict, b: dict, what: str) -> None:
@@ -418,7 +359,7 @@ def recover_weights(url: str, rollback_fact: int | None = None, grace_s: float |
 
 # -- 1. rollback with re-edits ---------------------------------------------------------------------------
 def _applied_five(store: FactStore) -> None:
-    store.add_facts([FactInput(prompt=f"Fact {t} is", target=t) for t in TARGETS])
+    add_targets(store, *TARGETS)
     state = ModelState(store, tiny_llama())
     editor = ScaleEditor(state.model)
     for fact in state.pending_facts():
@@ -439,12 +380,7 @@ def test_sigkill_during_a_rollback_with_re_edits_loses_no_fact_and_applies_none_
     assert [e for e in ref.events if _kind(e) == "edit-start"] == [f"edit-start {t}" for t in TARGETS[2:]]
     reference = reader_rebuild(ref_cfg["url"])
 
-    plans = kill_plan(ref.events, "edit-start")
-    assert 8 <= len(plans) <= 10, plans
-    for i, plan in enumerate(plans):
-        cfg = {**copy_of(root, f"kill{i}"), "fact": target}
-        run = workers.run("rollback", cfg, **plan)
-        assert run.events == ref.events[:len(run.events)], plan  # it stopped where the plan said
+    for i, plan, cfg, run in killed_runs(workers, "rollback", root, ref, "edit-start", fact=target):
         reader_rebuild(cfg["url"])  # the state right after the kill already loads
         rows = weight_rows(cfg["url"])
         if run.killed and plan.get("freeze") is not None:  # exactly what had committed is in the store
@@ -467,7 +403,7 @@ def test_sigkill_during_a_rollback_with_re_edits_loses_no_fact_and_applies_none_
 
 # -- 2. `engram edit`: sequential application ---------------------------------------------------------------
 def _one_applied_four_due(store: FactStore) -> None:
-    ids = store.add_facts([FactInput(prompt=f"Fact {t} is", target=t) for t in TARGETS]).new_ids
+    ids = add_targets(store, *TARGETS)
     state = ModelState(store, tiny_llama())
     assert state.apply(store.get_fact(ids[0]), ScaleEditor(state.model), "ftm").ok
     state.close()
@@ -483,12 +419,7 @@ def test_sigkill_during_sequential_edits_applies_every_fact_exactly_once(workers
     assert list(rows.values()) == [["applied"]] * 5
     ids = sorted(rows)
 
-    plans = kill_plan(ref.events, "edit-start")
-    assert 8 <= len(plans) <= 10, plans
-    for i, plan in enumerate(plans):
-        cfg = copy_of(root, f"kill{i}")
-        run = workers.run("edit", cfg, **plan)
-        assert run.events == ref.events[:len(run.events)], plan
+    for i, plan, cfg, run in killed_runs(workers, "edit", root, ref, "edit-start"):
         reader_rebuild(cfg["url"])
         if run.killed and plan.get("freeze") is not None:
             rows = weight_rows(cfg["url"])
@@ -519,15 +450,6 @@ GIST_BATCHES = [  # what the worker ingests, as `engram ingest --route gist` doe
 ]
 
 
-def gist_state(store: FactStore):
-    from editors.gist_state import GistState
-    from editors.incomes import GistAddon, GistConfig
-    from editors.incomes.memory import GistMemory
-
-    model = tiny_llama()  # seeded: the same base model, and so the same fresh add-on, in every process
-    return GistState(store, GistMemory(model, tiny_tokenizer(), GistAddon.for_model(model, GistConfig())))
-
-
 def ingest_gist_batches(store: FactStore, state) -> None:
     """`engram ingest --route gist` per batch (agent/commands/facts.py): queue, drop stale rows, add."""
     for batch in GIST_BATCHES:
@@ -540,7 +462,7 @@ def ingest_gist_batches(store: FactStore, state) -> None:
 def _gist_template(store: FactStore) -> None:
     for batch in GIST_SETUP:
         store.add_facts(batch, pending_backend="gist")
-    state = gist_state(store)
+    state = new_gist_state(store)
     assert state.open() == 2
     state.memory.close()
     for batch in GIST_QUEUED:
@@ -553,7 +475,7 @@ def reopen_gist(url: str):
     from editors.incomes import GistPool
 
     store = FactStore(url)
-    state = gist_state(store)
+    state = new_gist_state(store)
     state.open()
     pool = state.memory.pool.fact_ids
     assert len(pool) == len(set(pool)), pool
@@ -591,12 +513,7 @@ def test_sigkill_during_gist_open_and_add_keeps_every_queued_fact_once(workers, 
     state.memory.close()
     store.engine.dispose()
 
-    plans = kill_plan(ref.events, "compress-start")
-    assert 8 <= len(plans) <= 10, plans
-    for i, plan in enumerate(plans):
-        cfg = copy_of(root, f"kill{i}")
-        run = workers.run("gist", cfg, **plan)
-        assert run.events == ref.events[:len(run.events)], plan
+    for _, plan, cfg, _ in killed_runs(workers, "gist", root, ref, "compress-start"):
         GistPool.load(Path(cfg["dir"]) / "store.engram" / "gist" / "pool.safetensors")  # loads right after the kill
         store, state = reopen_gist(cfg["url"])
         ingest_gist_batches(store, state)  # the user runs the interrupted ingests again

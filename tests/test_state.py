@@ -10,28 +10,24 @@ from editors.base import EditRequest, EditResult, finalize_delta, snapshot
 from editors.model import tiny_llama
 from editors.state import ModelState
 from memory.errors import NotFoundError, StoreError
-from memory.facts import FactInput
-
-NAMES = ["model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"]
+from tests.fakes import StubEditor, add_targets, weights
 
 
-class NudgeEditor:
+class NudgeEditor(StubEditor):
     """A deterministic stand-in editor: adds a fact-dependent nudge to two matrices."""
 
     name = "nudge"
 
     def __init__(self, model, fail_on: str | None = None, nan_on: str | None = None):
-        self.model, self.fail_on, self.nan_on = model, fail_on, nan_on
-
-    def parameter_names(self):
-        return list(NAMES)
+        super().__init__(model)
+        self.fail_on, self.nan_on = fail_on, nan_on
 
     def edit(self, request: EditRequest) -> EditResult:
-        before = snapshot(self.model, NAMES)
+        before = snapshot(self.model, self.names)
         gen = torch.Generator().manual_seed(len(request.target) * 7919 + len(request.prompt))
         params = dict(self.model.named_parameters())
         with torch.no_grad():
-            for name in NAMES:
+            for name in self.names:
                 params[name].add_(torch.randn(params[name].shape, generator=gen) * 1e-3)
                 if request.target == self.nan_on:
                     params[name].fill_(float("nan"))
@@ -39,33 +35,16 @@ class NudgeEditor:
             raise RuntimeError("boom")
         return EditResult(steps=1, loss=0.5, seconds=0.0, delta=finalize_delta(self.model, before))
 
-    def rollback(self, delta):
-        raise NotImplementedError
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
-def weights(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
 
 def same(a, b):
     return all(torch.equal(a[k], b[k]) for k in a)
-
-
-def add(store, *targets):
-    return store.add_facts([FactInput(prompt=f"Fact {t} is", target=t) for t in targets]).new_ids
 
 
 def test_apply_replay_and_rollback_are_bit_exact(store):
     model = tiny_llama()
     base = weights(model)
     state = ModelState(store, model)
-    ids = add(store, "alpha", "beta", "gamma")
+    ids = add_targets(store, "alpha", "beta", "gamma")
     editor = NudgeEditor(model)
     after = []
     for fact in state.pending_facts():
@@ -94,7 +73,7 @@ def test_failed_edits_change_nothing_and_are_recorded(store):
     model = tiny_llama()
     base = weights(model)
     state = ModelState(store, model)
-    add(store, "boom", "nan")
+    add_targets(store, "boom", "nan")
     editor = NudgeEditor(model, fail_on="boom", nan_on="nan")
     results = [state.apply(f, editor, "ice") for f in state.pending_facts()]
     assert [r.ok for r in results] == [False, False]
@@ -108,7 +87,7 @@ def test_failed_edits_change_nothing_and_are_recorded(store):
 def test_corrupt_delta_is_refused(store):
     model = tiny_llama()
     state = ModelState(store, model)
-    add(store, "alpha")
+    add_targets(store, "alpha")
     state.apply(state.pending_facts()[0], NudgeEditor(model), "ftm")
     delta_file = next((store.data_dir / "deltas").iterdir())
     delta_file.write_bytes(delta_file.read_bytes()[:-8] + b"\0" * 8)
@@ -134,7 +113,7 @@ def test_export_writes_a_loadable_model(store, tmp_path):
 
     model = tiny_llama()
     state = ModelState(store, model)
-    add(store, "alpha")
+    add_targets(store, "alpha")
     state.apply(state.pending_facts()[0], NudgeEditor(model), "ftm")
     out = state.export(tmp_path / "export", tiny_tokenizer())
     reloaded = AutoModelForCausalLM.from_pretrained(out)
@@ -146,7 +125,7 @@ def test_unedited_gives_base_weights_and_then_the_edits_back(store):
     model = tiny_llama()
     base = weights(model)
     state = ModelState(store, model)
-    add(store, "alpha")
+    add_targets(store, "alpha")
     state.apply(state.pending_facts()[0], NudgeEditor(model), "ftm")
     edited = weights(model)
     with state.unedited():
@@ -157,7 +136,7 @@ def test_unedited_gives_base_weights_and_then_the_edits_back(store):
 def test_rollback_with_editors_re_edits_the_later_facts(store):
     model = tiny_llama()
     state = ModelState(store, model)
-    ids = add(store, "alpha", "beta", "gamma")
+    ids = add_targets(store, "alpha", "beta", "gamma")
     editor = NudgeEditor(model)
     for fact in state.pending_facts():
         state.apply(fact, editor, "ftm")

@@ -13,52 +13,12 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from editors.base import EditRequest, EditResult, finalize_delta, snapshot
+from editors.base import EditRequest
 from editors.model import tiny_llama, tiny_tokenizer
 from editors.state import ModelState
 from memory.errors import ConfigError, NotFoundError, StoreError
-from memory.facts import FactInput
 from memory.models import Edit
-
-NAMES = ["model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"]
-
-
-class ScaleEditor:
-    """A deterministic stand-in editor whose delta depends on the weights it starts from (w *= 1 + eps
-    * noise), so re-editing on the model without an edit differs from replaying a recorded delta."""
-
-    name = "scale"
-
-    def __init__(self, model, kill_on_call: int | None = None):
-        self.model, self.kill_on_call, self.calls = model, kill_on_call, 0
-
-    def parameter_names(self):
-        return list(NAMES)
-
-    def edit(self, request: EditRequest) -> EditResult:
-        self.calls += 1
-        before = snapshot(self.model, NAMES)
-        gen = torch.Generator().manual_seed(sum(map(ord, request.target)))
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name in NAMES:
-                params[name].mul_(1 + 1e-2 * torch.randn(params[name].shape, generator=gen))
-        if self.calls == self.kill_on_call:
-            raise KeyboardInterrupt  # the process is killed mid-edit
-        return EditResult(steps=1, loss=0.5, seconds=0.0, delta=finalize_delta(self.model, before))
-
-    def rollback(self, delta):
-        raise NotImplementedError
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
-def weights(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+from tests.fakes import ScaleEditor, add_targets, weights
 
 
 def close(a: dict, b: dict) -> bool:
@@ -75,7 +35,7 @@ def clean_run(*targets: str) -> dict[str, torch.Tensor]:
 
 
 def edited(store, *targets: str) -> tuple[ModelState, list[int]]:
-    ids = store.add_facts([FactInput(prompt=f"Fact {t} is", target=t) for t in targets]).new_ids
+    ids = add_targets(store, *targets)
     model = tiny_llama()
     state = ModelState(store, model)
     editor = ScaleEditor(model)
@@ -206,8 +166,7 @@ def test_a_kill_during_rollback_re_edits_loses_no_fact(store):
 def test_pending_facts_follow_the_work_queue(store):
     model = tiny_llama()
     state = ModelState(store, model)
-    new, gist, back, fail, queued = store.add_facts(
-        [FactInput(prompt=f"Fact {t} is", target=t) for t in ("new", "gist", "back", "fail", "queued")]).new_ids
+    new, gist, back, fail, queued = add_targets(store, "new", "gist", "back", "fail", "queued")
     editor = ScaleEditor(model)
     state.apply(store.get_fact(back), editor, "ice")
     state.rollback(back)  # the user rolled it back: stays out
@@ -284,7 +243,7 @@ def test_a_bad_method_or_fact_fails_before_the_model_loads(store, cli):
         cli("edit", method="nonsense", limit=None, retry_failed=False)
     with pytest.raises(NotFoundError, match="no fact with id 99"):
         cli("rollback", fact_id=99, replay_deltas=False)
-    (fact,) = store.add_facts([FactInput(prompt="Fact x is", target="x")]).new_ids
+    (fact,) = add_targets(store, "x")
     with pytest.raises(NotFoundError, match="no applied weight edit"):
         cli("rollback", fact_id=fact, replay_deltas=False)
     assert cli.models == []
