@@ -77,6 +77,20 @@ def write_curve(path: Path, runs: dict) -> list[dict]:
     return rows
 
 
+def save_plot(fig, ax, out: Path, metric: str) -> Path:
+    """Finish a curve plot the way every Engram report draws it (light grid, small legend, tight layout),
+    save it as `out/plot-{metric}.png` at 110 dpi and close the figure; the PNG's path."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / f"plot-{metric}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_plots(out: Path, rows: list[dict]) -> list[Path]:
     import matplotlib
 
@@ -97,13 +111,7 @@ def write_plots(out: Path, rows: list[dict]) -> list[Path]:
             ax.plot(xs, ys, marker="o", markersize=3, label=method)
         ax.set_xlabel("number of edits")
         ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"plot-{metric}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_plot(fig, ax, out, metric))
     return paths
 
 

@@ -72,6 +72,8 @@ def write_plots(out: Path, curves: AgentCurves) -> list[Path]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    from evaluation.report import save_plot  # here, not at the top: evaluation.report loads torch
+
     paths = []
     for metric in (m for m in curves.metrics() if m not in NOT_PLOTTED):
         xs, ys = zip(*[(p["n_edits"], p[metric]) for p in curves.points if metric in p])
@@ -86,13 +88,7 @@ def write_plots(out: Path, curves: AgentCurves) -> list[Path]:
         ax.set_xlabel("applied facts")
         ax.set_ylabel(metric)
         ax.set_title(LABELS.get(metric, metric), fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / f"plot-{metric}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_plot(fig, ax, out, metric))
     return paths
 
 
