@@ -374,12 +374,12 @@ def test_superseded_facts_are_dropped_or_taken_out_and_the_rag_index_follows(tmp
 
 
 def test_with_the_real_router_a_fact_replacing_one_in_the_weights_is_routed_after_it(tmp_path):
-    from agent.router import Router
+    from agent.router import RoutePolicy, Router
 
     path = tmp_path / "facts.jsonl"
     write(path, [fact(1, subject=False, target="red")])
     h = Harness(tmp_path)
-    h.backends.router = Router()
+    h.backends.router = Router(RoutePolicy(subjectless_route="ice"))
     assert h.run(h.file(path)) == 0
     write(path, [fact(1, subject=False, target="blue")], mode="a")
     assert h.run(h.file(path)) == 0

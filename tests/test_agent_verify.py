@@ -57,9 +57,15 @@ class FakeVerifier:
         return Verification(ok, fact.target if ok else "something else", fact.prompt, fact.target)
 
 
+def retrying(**changes) -> RoutePolicy:
+    """The policy these tests exercise: subjectless facts to ICE, and one retry on the other route (both off
+    by default since the three-policy measurement)."""
+    return RoutePolicy(subjectless_route="ice", retry_other_route=True, **changes)
+
+
 def harness(tmp_path: Path, misses=None, policy: RoutePolicy | None = None, **kw) -> Harness:
     h = Harness(tmp_path, **kw)
-    h.backends.router = Router(policy)
+    h.backends.router = Router(policy or retrying())
     h.backends.verifier = FakeVerifier(h.store, misses)
     return h
 
@@ -191,7 +197,7 @@ def test_a_fact_neither_route_learns_is_retried_once_only(tmp_path):
 def test_without_undo_the_failed_route_keeps_its_edit(tmp_path):
     path = tmp_path / "facts.jsonl"
     write(path, [fact(1, subject=False, target="Deaf")])
-    h = harness(tmp_path, misses={"ice": {"Deaf"}}, policy=RoutePolicy(undo_failed_route=False))
+    h = harness(tmp_path, misses={"ice": {"Deaf"}}, policy=retrying(undo_failed_route=False))
     assert h.run(h.file(path)) == 0
     assert edit_rows(h.store) == {1: [("ice", "applied"), ("gist", "applied")]}
     assert h.stages()[1].route == "gist" and checks(h.store, 1) == [("ice", False), ("gist", True)]
@@ -202,7 +208,7 @@ def test_scoped_and_text_facts_are_never_moved_into_the_weights(tmp_path):
     path = tmp_path / "facts.jsonl"
     scoped = {**fact(1, target="Deaf"), "scope": "user", "user_id": "ann"}
     write(path, [scoped, {"text": "Ann keeps bees.", "scope": "global"}])
-    h = harness(tmp_path, misses={"gist": {"Deaf"}}, policy=RoutePolicy(default_route="ice"))
+    h = harness(tmp_path, misses={"gist": {"Deaf"}}, policy=retrying(default_route="ice"))
     assert h.run(h.file(path)) == 0
     assert edit_rows(h.store) == {1: [("gist", "applied")], 2: [("gist", "applied")]}
     assert h.state.version == 0 and h.editor.calls == []
@@ -241,7 +247,7 @@ def test_the_real_greedy_check_on_tiny_models_retries_what_they_did_not_learn(tm
     path = tmp_path / "facts.jsonl"
     write(path, [fact(1), fact(2, subject=False), {**fact(3), "scope": "user", "user_id": "ann"}])
     h = Harness(tmp_path)
-    h.backends.router = Router()
+    h.backends.router = Router(retrying())
     h.backends.verifier = ModelVerifier(h.state.model, tiny_tokenizer(), max_new_tokens=4)
     assert h.run(h.file(path)) == 0  # a random tiny model gives none of the targets
     assert checks(h.store, 1) == [("gist", False), ("ice", False)]
@@ -376,7 +382,7 @@ def job_verify(cfg: dict, probe) -> None:
         return gist
 
     run_quiet_loop(store, state, cfg["file"], editor=FakeEditor(state.model, sleep_s=0.005, probe=probe),
-                   router=Router(), open_gist=open_gist, verifier=verifier,
+                   router=Router(retrying()), open_gist=open_gist, verifier=verifier,
                    config=LoopConfig(until_idle=True, poll_s=0.0))
 
 

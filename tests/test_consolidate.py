@@ -85,6 +85,18 @@ def test_consolidation_moves_learned_facts_into_the_weights_and_out_of_the_pool(
     h.close()
 
 
+def test_a_stop_request_ends_the_run_between_two_facts_and_the_next_run_goes_on(tmp_path):
+    h = agent_with_gist_facts(tmp_path, [fact(1), fact(2), fact(3)])
+    tool = consolidator(h)
+    asked = []
+    result = tool.run(stop=lambda: len(asked) >= 1, progress=lambda *a: asked.append(a))
+    assert result.stopped and result.consolidated == [1] and in_pool(h) == [2, 3]
+    assert result.to_dict()["stopped"] is True
+    result = tool.run()
+    assert not result.stopped and result.consolidated == [2, 3] and in_pool(h) == []
+    h.close()
+
+
 def test_scoped_text_and_subjectless_weight_facts_are_not_candidates(tmp_path):
     records = [fact(1), {"text": "Ann keeps bees.", "scope": "user", "user_id": "ann"},
                {**fact(2), "scope": "user", "user_id": "ann"}, fact(3, subject=False)]

@@ -47,11 +47,11 @@ def test_text_only_fact_goes_to_gist():
     assert d.inputs["has_prompt_target"] is False
 
 
-def test_subjectless_fact_goes_to_ice_by_default_and_to_gist_with_a_warning():
-    d = Router().decide(fact(subject=None), 0)
+def test_subjectless_fact_goes_to_gist_by_default_with_a_warning_and_to_ice_when_asked():
+    d = Router(RoutePolicy(subjectless_route="ice")).decide(fact(subject=None), 0)
     assert d.route == "ice" and d.rule == "no_subject" and "every query would read it" in d.reason
     assert "warning" not in d.inputs
-    d = Router(RoutePolicy(subjectless_route="gist")).decide(fact(subject="  "), 0)
+    d = Router().decide(fact(subject="  "), 0)  # the measured default
     assert d.route == "gist" and d.rule == "no_subject" and "subjectless_route=gist" in d.reason
     assert d.inputs["warning"].startswith("no subject")
 
@@ -82,7 +82,7 @@ def test_a_replaced_policy_changes_decisions():
     assert Router().decide(f, 0).route == "gist"
     assert Router(RoutePolicy(default_route="ice")).decide(f, 0).route == "ice"
     assert Router(RoutePolicy(default_route="ice", max_ice_backlog=0)).decide(f, 1).route == "gist"
-    assert Router(RoutePolicy(weight_scopes=("global", "session"))).decide(
+    assert Router(RoutePolicy(weight_scopes=("global", "session"), subjectless_route="ice")).decide(
         fact(scope="session", user_id="u", subject=None), 0).route == "ice"
 
 
@@ -161,7 +161,7 @@ def test_record_is_part_of_the_callers_transaction(store):
 
 def test_failed_verification_retries_once_on_the_other_route(store):
     f = _stored(store)
-    router = Router(RoutePolicy(default_route="ice"))
+    router = Router(RoutePolicy(default_route="ice", retry_other_route=True))
     first = router.decide(f, 0)
     with store.transaction() as s:
         router.record(s, f.id, first)
@@ -191,7 +191,7 @@ def test_failed_verification_retries_once_on_the_other_route(store):
 
 
 def test_retry_obeys_the_hard_rules_and_the_policy():
-    router = Router()
+    router = Router(RoutePolicy(retry_other_route=True))
     scoped = router.decide(fact(scope="user", user_id="u1"), 0)
     assert router.can_retry(scoped) == (False, "user-scoped facts never go into the shared weights")
     with pytest.raises(EditError, match="cannot retry on ice"):
@@ -200,7 +200,7 @@ def test_retry_obeys_the_hard_rules_and_the_policy():
     assert router.can_retry(text) == (False, "ICE needs a prompt and a target")
     plain = router.decide(fact(), 0)
     assert router.retry_route(plain).route == "ice"
-    assert Router(RoutePolicy(retry_other_route=False)).can_retry(plain)[0] is False
+    assert Router().can_retry(plain) == (False, "the policy does not retry (retry_other_route=false)")  # the default
 
 
 def test_explain_of_a_fact_never_routed_and_of_no_fact(store):

@@ -16,6 +16,7 @@ def _configure(p) -> None:
 
 def cmd_consolidate(args) -> int:
     from agent.consolidate import Consolidator, weights_check
+    from agent.loop.signals import StopFlag, stop_on_signals
     from agent.router import policy_from_store
     from memory.errors import ConfigError
 
@@ -45,13 +46,17 @@ def cmd_consolidate(args) -> int:
                 print(f"\r[{n}/{total}] fact {fact_id}: {len(result.consolidated)} moved, "
                       f"{len(result.not_learned)} not learned", end="", file=sys.stderr, flush=True)
 
-        result = tool.run(args.limit, args.retry_failed, progress)
+        stop = StopFlag()
+        with stop_on_signals(stop):  # SIGTERM/Ctrl-C: finish the fact in hand, record it, stop
+            result = tool.run(args.limit, args.retry_failed, progress, stop=lambda: stop.requested)
         if not args.json:
             print(file=sys.stderr)
     finally:
         state.close()
     text = (f"consolidated {len(result.consolidated)} fact(s) into the weights in {result.seconds:.1f} s "
             f"(model version {state.version}); {len(result.not_learned)} not learned by ICE kept their gist")
+    if result.stopped:
+        text += f"; stopped by {stop.why} (run it again to go on)"
     if result.errors:
         text += f"; {len(result.errors)} failed: " + "; ".join(f"fact {k}: {v}" for k, v in list(result.errors.items())[:5])
     emit(args, result.to_dict(), text)

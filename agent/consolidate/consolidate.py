@@ -44,11 +44,12 @@ class ConsolidationResult:
     errors: dict[int, str] = field(default_factory=dict)
     reconciled: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    stopped: bool = False  # a signal ended the run before its last candidate
 
     def to_dict(self) -> dict:
         return {"consolidated": len(self.consolidated), "not_learned": len(self.not_learned),
                 "errors": {str(k): v for k, v in self.errors.items()}, "reconciled": len(self.reconciled),
-                "seconds": round(self.seconds, 2), "consolidated_ids": self.consolidated,
+                "stopped": self.stopped, "seconds": round(self.seconds, 2), "consolidated_ids": self.consolidated,
                 "not_learned_ids": self.not_learned}
 
 
@@ -110,12 +111,17 @@ class Consolidator:
             self._finish(fact_id, result)
             result.reconciled.append(fact_id)
 
-    def run(self, limit: int | None = None, retry_failed: bool = False, progress=None) -> ConsolidationResult:
+    def run(self, limit: int | None = None, retry_failed: bool = False, progress=None,
+            stop: Callable[[], bool] | None = None) -> ConsolidationResult:
+        """Consolidate the candidates one by one; `stop()` true ends the run between two facts."""
         started = time.perf_counter()
         result = ConsolidationResult()
         self.reconcile(result)
         todo = self.candidates(limit, retry_failed)
         for n, fact_id in enumerate(todo, 1):
+            if stop is not None and stop():
+                result.stopped = True
+                break
             self.step(fact_id, result)
             if progress is not None:
                 progress(n, len(todo), fact_id, result)
