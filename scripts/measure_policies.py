@@ -1,5 +1,6 @@
 """The three-policy measurement of issue 22: one stream of facts through `engram run` under each routing
 policy (all gist, all ICE, and the mixed policy that was the default before it), then the same questions
+asked of each end state.
 
 The stream is validation data only (no evaluation file): the 266 records of the validation split
 (`runs/splits`, built by `python -m evaluation.splits`), one in ten given without its subject (a source

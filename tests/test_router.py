@@ -200,7 +200,7 @@ def test_retry_obeys_the_hard_rules_and_the_policy():
     assert router.can_retry(text) == (False, "ICE needs a prompt and a target")
     plain = router.decide(fact(), 0)
     assert router.retry_route(plain).route == "ice"
-    assert Router().can_retry(plain) == (False, "the policy does not retry (retry_other_route=false)")  # the default
+    assert Router().can_retry(plain) == (False, "the policy does not retry: retry_other_route=false")  # the default
 
 
 def test_explain_of_a_fact_never_routed_and_of_no_fact(store):

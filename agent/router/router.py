@@ -107,7 +107,7 @@ class Router:
     def can_retry(self, decision: RouteDecision) -> tuple[bool, str]:
         """Whether a fact that `decision`'s route did not learn may be tried on the other route, and why not."""
         if not self.policy.retry_other_route:
-            return False, "the policy does not retry (retry_other_route=false)"
+            return False, "the policy does not retry: retry_other_route=false"
         if decision.is_retry:
             return False, f"already retried once (after {decision.inputs['retry_of']} did not learn it)"
         if decision.route == GIST:  # the way back into the weights obeys the same hard rules
