@@ -256,11 +256,11 @@ def test_engram_report_draws_the_curves_from_the_store(store, tiny, tmp_path, ca
     out = tmp_path / "report"
     code, text, _ = _cli(capsys, "report", "--db", db, "--out", str(out))
     assert code == 0 and "3 self-evaluation point(s); latest at 6" in text
-    for metric in ("retention_tf", "retention_gen", "locality", "locality_gen", "fluency", "eval_seconds"):
+    for metric in ("rates", "retention_tf", "retention_gen", "locality", "locality_gen", "fluency", "eval_seconds"):
         assert (out / f"plot-{metric}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "plot-retention_n.png").exists()
     page = (out / "report.html").read_text()
-    assert page.count("<img src=\"data:image/png;base64,") == 6 and "<td>6</td>" in page
+    assert page.count("<img src=\"data:image/png;base64,") == 7 and "<td>6</td>" in page
     assert len((out / "selfeval.csv").read_text().splitlines()) == 4
     code, text, _ = _cli(capsys, "report", "--db", db, "--out", str(out), "--json")
     payload = json.loads(text)

@@ -2,7 +2,8 @@
 
 Reads only: the agent's eval run (found by the meta key `selfeval_run_id`) and its eval_points, so it
 works on the store of a running agent as well as a finished one. Writes into the output folder: one PNG
-per metric, `selfeval.csv` (one row per point) and `report.html` (the table and the plots, embedded).
+of every rate together (`plot-rates.png`), one per metric, `selfeval.csv` (one row per point) and
+`report.html` (the table and the plots, embedded).
 """
 from __future__ import annotations
 
@@ -75,6 +76,17 @@ def write_plots(out: Path, curves: AgentCurves) -> list[Path]:
     from evaluation.report import save_plot  # here, not at the top: evaluation.report loads torch
 
     paths = []
+    rates = [m for m in curves.metrics() if m in RATES]
+    if rates:  # the overview: every rate on one axis
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for metric in rates:
+            xs, ys = zip(*[(p["n_edits"], p[metric]) for p in curves.points if metric in p])
+            ax.plot(xs, ys, marker="o", markersize=3, label=LABELS.get(metric, metric))
+        ax.set_ylim(-0.02, 1.02)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("applied facts")
+        ax.set_title("retention and locality as facts stream in", fontsize=9)
+        paths.append(save_plot(fig, ax, out, "rates"))
     for metric in (m for m in curves.metrics() if m not in NOT_PLOTTED):
         xs, ys = zip(*[(p["n_edits"], p[metric]) for p in curves.points if metric in p])
         fig, ax = plt.subplots(figsize=(5, 3.4))
