@@ -2,7 +2,7 @@
 
 The live view is drawn only on a terminal, so the command runs under a pty of a fixed size; its output is
 split into the frames rich redrew (each starts with the "engram run" title), with the escape sequences
-taken out. Writes every frame and, to `--out`, the last one plus the closing summary.
+taken out. Writes the last frame, with the log lines and the closing summary under it, to `--out`.
 
     python scripts/capture_live_view.py --out docs/agent-live-view.txt -- \\
         engram run --db sqlite:///runs/capture/store.sqlite --source runs/capture/stream.jsonl --until-idle --eval-every 20

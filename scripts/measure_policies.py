@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -69,7 +70,7 @@ def build_stream(splits: Path, seed: int = 0) -> tuple[list[dict], dict[str, str
 
 
 # -- one policy through the agent ------------------------------------------------------------------
-def run_policy(name: str, out: Path, stream: Path, eval_every: int, consolidate: bool) -> dict:
+def run_policy(name: str, out: Path, stream: Path, eval_every: int) -> dict:
     from agent.router import RoutePolicy, save_policy
     from memory.store import FactStore
 
@@ -83,14 +84,19 @@ def run_policy(name: str, out: Path, stream: Path, eval_every: int, consolidate:
     with open(where / "run.log", "w") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
     record = {"policy": name, "command": " ".join(cmd), "rc": rc, "run_seconds": time.perf_counter() - started}
-    if consolidate and rc in (0, 1):
-        started = time.perf_counter()
-        with open(where / "consolidate.log", "w") as log:
-            record["consolidate_rc"] = subprocess.call([engram(), "consolidate", "--db", url, "--json"],
-                                                       stdout=log, stderr=subprocess.STDOUT)
-        record["consolidate_seconds"] = time.perf_counter() - started
     (where / "agent.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def consolidate_copy(where: Path) -> Path:
+    """A copy of a scored end state, consolidated by `engram consolidate` (its --json in consolidate.json)."""
+    copy = where.with_name(where.name + "-consolidated")
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(where, copy, ignore=shutil.ignore_patterns("scores.json", "cases.jsonl", "run.log"))
+    url = f"sqlite:///{copy / 'store.sqlite'}"
+    with open(copy / "consolidate.json", "w") as out, open(copy / "consolidate.log", "w") as log:
+        subprocess.check_call([engram(), "consolidate", "--db", url, "--json"], stdout=out, stderr=log)
+    return copy
 
 
 # -- scoring an end state (its own process: the model is edited in place) ----------------------------
@@ -143,20 +149,32 @@ def store_figures(store) -> dict:
         retried = s.scalar(select(func.count()).select_from(Event).where(
             Event.kind == "routed", Event.detail["inputs"]["retry_of"].as_string().in_(("ice", "gist"))))
         ice_seconds = s.scalar(select(func.sum(Edit.seconds)).where(Edit.backend != "gist"))
+    from evaluation.intervals import bootstrap_interval
+
     first, last = {}, {}
     for fact_id, detail in checks:
         if detail.get("ok") is not None:
             first.setdefault(fact_id, detail["ok"])
             last[fact_id] = detail["ok"]
+    gap0 = [float(ok) for ok in first.values()]
     raw = store.get_meta(RUN_KEY)
     point = latest_point(store, int(raw)) if raw and raw.isdigit() else None
     return {"stages": stages, "routes": routes, "retried": retried or 0, "checked": len(first),
             "gap0_gen": sum(first.values()) / len(first) if first else None,
+            "gap0_gen_ci": bootstrap_interval(gap0) if gap0 else None,
             "verified_end": sum(last.values()) / len(last) if last else None,
             "weight_edit_seconds": ice_seconds or 0.0, "last_point": point}
 
 
 # -- the table -------------------------------------------------------------------------------------
+def intervals(where: Path) -> dict:
+    """The 95% bootstrap interval of each scored rate, over the split's cases (evaluation/intervals.py)."""
+    from evaluation.intervals import bootstrap_intervals
+
+    cases = [json.loads(line) for line in (where / "cases.jsonl").read_text().splitlines()]
+    return bootstrap_intervals({m: [c[m] for c in cases] for m in METRICS})
+
+
 def table(out: Path) -> str:
     rows = ["| policy | route mix (applied) | gap-0 check (gen) | edit succ. TF / gen after all | rephrase | "
             "locality (neighbours) | locality (probes) | fluency | agent time |",
@@ -165,10 +183,19 @@ def table(out: Path) -> str:
         sc, ag = json.loads((where / "scores.json").read_text()), json.loads((where / "agent.json").read_text())
         point = sc.get("last_point") or {}
         mix = ", ".join(f"{k} {v}" for k, v in sorted(sc["routes"].items()))
+        minutes = f"{ag['run_seconds'] / 60:.1f} min"
+        if (where / "consolidate.json").exists():
+            moved = json.loads((where / "consolidate.json").read_text())
+            minutes += f" + {moved['seconds'] / 60:.1f} min consolidating"
+        ci = {**intervals(where), "gap0_gen": sc.get("gap0_gen_ci")}
         f = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-        rows.append(f"| {where.name} | {mix} | {f(sc['gap0_gen'])} | {f(sc['edit_success'])} / "
-                    f"{f(sc['edit_success_gen'])} | {f(sc['rephrase'])} | {f(sc['locality'])} | "
-                    f"{f(point.get('locality'))} | {f(point.get('fluency'))} | {ag['run_seconds'] / 60:.1f} min |")
+
+        def r(key: str) -> str:  # a rate and its interval
+            low_high = ci.get(key)
+            return f(sc[key]) + (f" [{low_high[0]:.2f}, {low_high[1]:.2f}]" if low_high else "")
+        rows.append(f"| {where.name} | {mix} | {r('gap0_gen')} | {r('edit_success')} / "
+                    f"{r('edit_success_gen')} | {r('rephrase')} | {r('locality')} | "
+                    f"{f(point.get('locality'))} | {f(point.get('fluency'))} | {minutes} |")
     return "\n".join(rows)
 
 
@@ -179,7 +206,7 @@ def main() -> int:
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--limit", type=int, default=None, help="only the stream's first N lines (a smoke run)")
-    ap.add_argument("--consolidate", action="store_true", help="run `engram consolidate` after the stream")
+    ap.add_argument("--consolidate", action="store_true", help="also score a copy of each end state after `engram consolidate` (NAME-consolidated)")
     ap.add_argument("--table", action="store_true", help="print the table of the policies measured in --out")
     ap.add_argument("--score-only", type=Path, help=argparse.SUPPRESS)  # the scoring subprocess
     args = ap.parse_args()
@@ -201,10 +228,12 @@ def main() -> int:
     for name in args.policies.split(","):
         if name not in POLICIES:
             sys.exit(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
-        record = run_policy(name, args.out, stream, args.eval_every, args.consolidate)
+        record = run_policy(name, args.out, stream, args.eval_every)
         print(f"{name}: agent rc {record['rc']} in {record['run_seconds']:.0f} s", flush=True)
-        subprocess.check_call([sys.executable, __file__, "--score-only", str(args.out / name),
-                               "--splits", str(args.splits)])
+        score = [sys.executable, __file__, "--splits", str(args.splits), "--score-only"]
+        subprocess.check_call([*score, str(args.out / name)])
+        if args.consolidate:  # after the scoring, so the copy reuses its cached base answers
+            subprocess.check_call([*score, str(consolidate_copy(args.out / name))])
     print(table(args.out))
     return 0
 
