@@ -184,9 +184,12 @@ def table(out: Path) -> str:
         point = sc.get("last_point") or {}
         mix = ", ".join(f"{k} {v}" for k, v in sorted(sc["routes"].items()))
         minutes = f"{ag['run_seconds'] / 60:.1f} min"
-        if (where / "consolidate.json").exists():
+        if (where / "consolidate.json").exists():  # the stream's checks and eval points predate it
             moved = json.loads((where / "consolidate.json").read_text())
             minutes += f" + {moved['seconds'] / 60:.1f} min consolidating"
+            tried = moved["consolidated"] + moved["not_learned"]
+            sc["gap0_gen"], sc["gap0_gen_ci"] = (moved["consolidated"] / tried if tried else None), None
+            point = {}
         ci = {**intervals(where), "gap0_gen": sc.get("gap0_gen_ci")}
         f = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
 
