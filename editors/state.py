@@ -148,6 +148,12 @@ class ModelState:
             self._sweep()
         return len(edits) - len(bad)
 
+    def reload(self) -> int:
+        """A reader's catch-up: back to the base weights, then every applied delta again (a rollback may
+        have taken one out of the middle). Never sweeps; CorruptDeltaError leaves the base weights."""
+        restore(self.model, self._base)
+        return self.rebuild(sweep=False)
+
     def _drop_bad(self, bad: list[BadDelta]) -> None:
         """Record that these deltas are gone from the live model: failed, with the fact due again."""
         self.acquire_writer()

@@ -5,6 +5,9 @@ no answer mixes two model versions, and the weights swapped in by `base` (`Model
 pool hooks of `engram` are never seen by another request. The lock is taken by the caller of `start`
 (so the version it reports is the one that answers) and released by the worker thread that generates.
 
+Beside a writer on the same store (`engram run`, `engram edit`), each answer first catches up with it:
+new edits, rollbacks and pool facts (agent/chat/follow.py), at most once every `follow_every_s`.
+
 Weights: `engram` answers with the edited weights and reads the gist pool for the request's user;
 `base`, `icl`, `rag` and `rag-subject` answer with the base weights (`ModelState.unedited`, which swaps
 only the tensors an edit touched back) and no pool, as the evaluation baselines do.
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from agent.chat import prompts
+from agent.chat.follow import StoreFollower
 from agent.chat.prompts import ChatInputError, Prepared
 
 log = logging.getLogger(__name__)
@@ -36,6 +40,7 @@ class UnknownModelError(LookupError):
 class EngineConfig:
     rag_k: int = 10  # facts a RAG answer shows, as the evaluation's RAG baseline
     default_max_tokens: int = 256  # when the request names none (always cut to the context window)
+    follow_every_s: float = 1.0  # how often an answer first checks the store for new edits (agent/chat/follow.py)
 
 
 @dataclass(frozen=True)
@@ -182,7 +187,7 @@ class ChatEngine:
     """Owns the loaded model (and its store, state and gist pool) and answers chats through `ROUTES`."""
 
     def __init__(self, model, tokenizer, name: str, state=None, gist=None, store=None,
-                 config: EngineConfig | None = None, embedder=None):
+                 config: EngineConfig | None = None, embedder=None, open_memory=None):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.state, self.gist, self.store = state, gist, store if store is not None else getattr(state, "store", None)
         self.config = config or EngineConfig()
@@ -190,7 +195,8 @@ class ChatEngine:
         self.lock = threading.Lock()
         self._rag_lock = threading.Lock()
         self._index = None
-        # the weights answer as they were rebuilt: this slice does not pick up later edits from the store
+        self.follower = (StoreFollower(state, gist, self.config.follow_every_s, open_memory)
+                         if state is not None else None)
         self.model_version = state.version if state is not None else 0
         self.weight_edits = [e.fact_id for e in state.applied_edits()] if state is not None else []
         self.window = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
@@ -202,7 +208,13 @@ class ChatEngine:
 
         store, loaded, state = load_state(args, store=store)
         gist = open_gist(args, store, loaded)
-        return cls(loaded.model, loaded.tokenizer, loaded.name, state=state, gist=gist, store=store, config=config)
+
+        def open_memory():  # the pool appeared after startup (the agent beside us wrote its first gist)
+            from editors.incomes.memory import GistMemory
+
+            return GistMemory.open(loaded.model, loaded.tokenizer, loaded.name, getattr(args, "gist_addon", None))
+        return cls(loaded.model, loaded.tokenizer, loaded.name, state=state, gist=gist, store=store, config=config,
+                   open_memory=open_memory)
 
     def routes(self) -> list[str]:
         return [r for r in ROUTES if r in ("engram", "base") or self.store is not None]
@@ -266,6 +278,7 @@ class ChatEngine:
         budget = params.max_tokens or min(self.config.default_max_tokens, room)
         self.lock.acquire()
         try:
+            self._follow(prepared)
             stream = ChatStream(prepared, len(ids), self.model_version, params.n)
             threading.Thread(target=self._generate, args=(stream, ids, params, budget), daemon=True,
                              name="engram-generate").start()
@@ -273,6 +286,16 @@ class ChatEngine:
             self.lock.release()
             raise
         return stream
+
+    def _follow(self, prepared: Prepared) -> None:
+        """With the lock held: catch up with the store's writer, so this answer uses its newest version."""
+        if self.follower is None or not self.follower.refresh():
+            return
+        self.gist = self.follower.gist
+        self.model_version = self.follower.version
+        self.weight_edits = [e.fact_id for e in self.state.applied_edits()]
+        if prepared.route == "engram":
+            prepared.provenance["weight_edits"] = self.weight_edits
 
     def _weights(self, prepared: Prepared):
         if prepared.route == "engram":
