@@ -19,7 +19,7 @@ def cmd_serve(args) -> int:
     if args.host not in LOOPBACK and not args.api_key:
         note(f"warning: serving on {args.host} without --api-key: anyone who can reach it can chat")
     limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens)
-    app = create_app(None, api_keys=args.api_key or (), limits=limits)
+    app = create_app(None, api_keys=args.api_key or (), limits=limits, store=store)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                            timeout_graceful_shutdown=5))
     engines: list = []

@@ -116,11 +116,22 @@ def set_load_error(app: FastAPI, message: str) -> None:
     app.state.load_error = message
 
 
-def create_app(engine=None, api_keys: Sequence[str] = (), limits: ServerLimits | None = None) -> FastAPI:
-    """The app over `engine` (a ChatEngine, or None until `set_engine`); `api_keys`: any of them opens /v1."""
+def create_app(engine=None, api_keys: Sequence[str] = (), limits: ServerLimits | None = None,
+               store=None) -> FastAPI:
+    """The app over `engine` (a ChatEngine, or None until `set_engine`); `api_keys`: any of them opens /v1.
+    `store`: the fact store of /v1/facts, which needs no model (default: the engine's)."""
+    from agent.server.facts import facts_router
+
     limits = limits or ServerLimits()
     app = FastAPI(title="Engram", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.load_error, app.state.started = engine, None, int(time.time())
+
+    def fact_store():
+        found = store if store is not None else getattr(app.state.engine, "store", None)
+        if found is None:
+            raise APIError(503, "the fact store is not open yet; retry shortly", code="model_loading")
+        return found
+    app.include_router(facts_router(fact_store, lambda request: _read_body(request, limits.max_body_bytes)))
     metrics = Metrics()
     app.add_middleware(_Edge, api_keys=list(api_keys))
 
