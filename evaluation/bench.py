@@ -16,7 +16,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("ingest", "edits", "gist", "rag", "memory")
+SECTIONS = ("ingest", "edits", "gist", "rag", "chat", "memory")  # chat: agent/chat/bench.py (it needs agent.chat)
 
 
 @dataclass

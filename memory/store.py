@@ -61,7 +61,11 @@ class FactStore:
         if self.db_path is not None:
             if not create and (not self.db_path.exists() or sqlite_lacks_store(self.db_path)):
                 raise NotFoundError(f"no Engram store at {shown}; `engram ingest` creates one")
-            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.db_path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a file where a folder should be, no permission, ...
+                raise StoreError(f"cannot create the store's folder {self.db_path.parent}: "
+                                 f"{exc.strerror or exc}") from exc
         try:
             self.engine: Engine = create_engine(self.url)
         except ImportError as exc:

@@ -390,11 +390,13 @@ def test_engram_serve_loads_in_the_background_and_answers(tmp_path):
     assert "ready at version 0" in output
 
 
-def test_engram_serve_without_a_store_is_one_line(tmp_path, capsys):
+def test_engram_serve_on_a_store_it_cannot_open_is_one_line(tmp_path, capsys):
     from agent.cli import main
 
-    assert main(["--db", f"sqlite:///{tmp_path / 'none.sqlite'}", "serve", "--port", "1"]) == 2
-    assert "no Engram store" in capsys.readouterr().err
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["--db", f"sqlite:///{tmp_path / 'file' / 'store.sqlite'}", "serve", "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "store" in err
 
 
 def test_concurrent_chats_are_answered_one_model_version_each(client, engine):

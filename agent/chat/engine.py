@@ -294,8 +294,8 @@ class ChatEngine:
         self.gist = self.follower.gist
         self.model_version = self.follower.version
         self.weight_edits = [e.fact_id for e in self.state.applied_edits()]
-        if prepared.route == "engram":
-            prepared.provenance["weight_edits"] = self.weight_edits
+        if prepared.route == "engram":  # prepared before the catch-up: its provenance is redone
+            prepared.provenance.update(weight_edits=self.weight_edits, pool=self._pool(prepared.prompt, prepared.user))
 
     def _weights(self, prepared: Prepared):
         if prepared.route == "engram":

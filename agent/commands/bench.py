@@ -20,6 +20,12 @@ def _configure_bench(p) -> None:
     p.add_argument("--rag-n", type=int, default=100_000)
     p.add_argument("--ingest-n", type=int, default=20_000)
     p.add_argument("--gist-n", type=int, default=1000, help="gists in the pool for the decoding benchmark")
+    p.add_argument("--chat-facts", type=int, default=100,
+                   help="facts in the store (and gist pool) the chat section answers over")
+    p.add_argument("--chat-repeats", type=int, default=None,
+                   help="measured answers per route in the chat section (default 3, 1 with --quick)")
+    p.add_argument("--chat-max-tokens", type=int, default=32, help="tokens each chat answer decodes (EOS held back)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats (the chat section: 1 per route)")
 
 
 def bench_ingest(n: int) -> dict:
@@ -35,6 +41,15 @@ def bench_ingest(n: int) -> dict:
     return {"facts": n, "seconds": round(report.seconds, 2), "facts_per_second": round(report.facts_per_second, 1)}
 
 
+def bench_chat(args, loaded) -> dict:
+    """Per route of `engram serve`: time to first token, decode speed, latency (agent/chat/bench.py)."""
+    from agent.chat.bench import ChatBenchConfig
+    from agent.chat.bench import bench_chat as run
+
+    repeats = args.chat_repeats if args.chat_repeats is not None else (1 if args.quick else 3)
+    return run(loaded, ChatBenchConfig(facts=args.chat_facts, repeats=repeats, max_tokens=args.chat_max_tokens))
+
+
 def cmd_bench(args) -> int:
     from evaluation import bench
     from evaluation.report import machine
@@ -42,13 +57,14 @@ def cmd_bench(args) -> int:
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     cfg = bench.BenchConfig(sections=tuple(wanted), ingest_n=args.ingest_n, edits_n=args.edits, rag_n=args.rag_n,
                             gist_decode_n=args.gist_n)
-    loaded = load(args) if {"edits", "gist"} & set(wanted) else None
+    loaded = load(args) if {"edits", "gist", "chat"} & set(wanted) else None
     results: dict = {"model": args.model, "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     runners = {
         "ingest": lambda: bench_ingest(cfg.ingest_n),
         "edits": lambda: bench.bench_edits(cfg, loaded),
         "gist": lambda: bench.bench_gist(cfg, loaded),
         "rag": lambda: bench.bench_rag(cfg),
+        "chat": lambda: bench_chat(args, loaded),
     }
     for section in wanted:
         if section == "memory":

@@ -36,13 +36,13 @@ def _configure_run(p) -> None:
 
 
 def cmd_run(args) -> int:
-    from agent.loop.loop import AgentLoop, Backends, LoopConfig
-    from agent.loop.routing import default_router
+    from agent.loop.loop import LoopConfig
     from agent.loop.sources import Offsets, open_sources
     from agent.loop.view import make_view
     from memory.stages import read_offset
 
     # Every choice is checked before the model loads.
+    eval_config = None
     if args.eval_every is not None:
         from agent.selfeval import SelfEvalConfig
 
@@ -57,8 +57,20 @@ def cmd_run(args) -> int:
     offsets = Offsets(lambda key: read_offset(store, key))  # read on the first poll, once `store` is open
     sources = open_sources(args.source, offsets)  # a mistyped source fails before a store is created
     store = open_store(args, create=True)
-    router = default_router(store)
+    loop = build_agent(args, store, sources, config, offsets, make_view(args.json), kind, eval_config)
+    try:
+        return loop.run()
+    finally:
+        loop.backends.state.close()
 
+
+def build_agent(args, store, sources, config, offsets, view, kind: str | None, eval_config=None):
+    """The agent loop over `store` and its backends, the live model loaded as the store's writer
+    (WriterLockError when another process is). Shared by `engram run` and `engram serve`."""
+    from agent.loop.loop import AgentLoop, Backends
+    from agent.loop.routing import default_router
+
+    router = default_router(store)
     _, loaded, state = load_state(args, writer=True, store=store)
     try:
         from editors.registry import make_editor
@@ -97,9 +109,10 @@ def cmd_run(args) -> int:
         backends = Backends(state=state, editor=editor, router=router,
                             open_gist=lambda: open_gist(args, store, loaded, required=True), generator=generator,
                             rag=rag, verifier=verifier, selfeval=selfeval, consolidator=consolidator)
-        return AgentLoop(store, sources, backends, make_view(args.json), config, offsets).run()
-    finally:
+        return AgentLoop(store, sources, backends, view, config, offsets)
+    except BaseException:
         state.close()
+        raise
 
 
 def _sample(args) -> dict:
