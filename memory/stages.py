@@ -118,6 +118,15 @@ def open_stages(session: Session, fact_ids: Iterable[int]) -> list[int]:
     return opened
 
 
+def add_with_stages(store, facts):
+    """Store `facts` and open their stage rows in one transaction: what a source line, `POST /v1/facts` and
+    `engram chat`'s /remember all do, so the agent routes and applies them. Returns the AddReport."""
+    with store.transaction() as s:
+        added = store.add_facts(facts, session=s)
+        open_stages(s, added.new_ids)
+    return added
+
+
 def _route(backend: str) -> str:
     return GIST if backend == GIST else "ice"
 

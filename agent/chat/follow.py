@@ -44,6 +44,10 @@ class StoreFollower:
             return None
         return (info.st_mtime_ns, info.st_size) if info is not None else None
 
+    def expire(self) -> None:
+        """The next refresh looks at the store whatever the throttle says (the caller knows it changed)."""
+        self._checked = float("-inf")
+
     def refresh(self, force: bool = False) -> bool:
         """Bring the weights and the pool up to the store's; True when anything changed. Call it with no
         generation running (the engine's lock held)."""

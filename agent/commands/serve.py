@@ -1,9 +1,9 @@
 """`engram serve`: the OpenAI-compatible chat server (agent/server) over the store's live model."""
 from __future__ import annotations
 
-import sys
 import threading
 
+from agent.commands.background import add_agent_flags, background_agent
 from agent.commands.common import note, open_store
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -39,7 +39,7 @@ def cmd_serve(args) -> int:
     agents: list = []
 
     def start_agent() -> None:  # after the chat model: /health turns 200 first, posted facts wait in the store
-        agent = _in_process_agent(args, store)
+        agent = background_agent(args, store)
         if agent is not None:
             agents.append(agent)
             agent.thread.start()
@@ -62,51 +62,6 @@ def cmd_serve(args) -> int:
     return 2 if app.state.load_error else 0
 
 
-class _Agent:
-    """The agent loop in a thread of the server: it applies the facts posted to /v1/facts (and any other
-    stored fact) with its own copy of the model; the chat engine follows the store to its edits."""
-
-    def __init__(self, loop):
-        self.loop = loop
-        self.thread = threading.Thread(target=self._run, name="engram-agent", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            self.loop.run()
-        except Exception as exc:  # noqa: BLE001 - the server keeps answering chats without its agent
-            note(f"engram serve: the agent stopped: {exc}")
-        finally:
-            self.loop.backends.state.close()
-
-    def stop(self) -> None:
-        self.loop.stop.request("server stopped")
-        self.thread.join(30)
-
-
-def _in_process_agent(args, store) -> _Agent | None:
-    from agent.commands.run import build_agent
-    from agent.loop.loop import LoopConfig
-    from agent.loop.sources import Offsets
-    from agent.loop.view import LogView
-    from memory.errors import EngramError
-    from memory.lock import WriterLockError
-    from memory.stages import read_offset
-
-    try:
-        loop = build_agent(args, store, [], LoopConfig(until_idle=False, poll_s=0.5),
-                           Offsets(lambda key: read_offset(store, key)), LogView(sys.stderr),
-                           None if args.contexts == "none" else args.contexts)
-    except WriterLockError:
-        note("another process (engram run?) is the store's writer: it applies the facts posted here, and "
-             "the chat answers follow its edits")
-        return None
-    except EngramError as exc:
-        note(f"engram serve: no in-process agent: {exc}")
-        return None
-    note("the agent runs in this server: facts posted to /v1/facts are routed and applied here")
-    return _Agent(loop)
-
-
 def _configure(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
@@ -115,11 +70,7 @@ def _configure(p) -> None:
     p.add_argument("--gist-addon", default=None, help="directory of a trained gist add-on (default: the shipped one)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--max-tokens", type=int, default=4096, help="the largest max_tokens a request may ask")
-    p.add_argument("--no-agent", action="store_true",
-                   help="do not run the agent in the server (facts posted here then wait for an `engram run`)")
-    p.add_argument("--contexts", default="template", choices=("template", "local", "openai", "none"),
-                   help="the in-process agent's paraphrase contexts for ICE (default: template)")
-    p.set_defaults(no_rag=False, no_verify=False, eval_every=None, consolidate_when_idle=False)
+    add_agent_flags(p, "the server")
 
 
 COMMANDS = {
