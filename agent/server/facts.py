@@ -113,7 +113,7 @@ def facts_router(get_store: Callable[[], FactStore], read_body: Callable[[Reques
         def read():
             store = get_store()
             fact = store.get_fact(fact_id)
-            return fact, store.history(fact_id), _stage(store, fact_id)
+            return fact, store.history(fact_id), stage_of(store, fact_id)
         fact, events, stage = await run_in_threadpool(_found, read)
         return {**fact_json(fact), "stage": stage,
                 "history": [{"kind": e.kind, "detail": e.detail,
@@ -138,7 +138,8 @@ def _found(read):
         raise APIError(404, str(exc), "id", "fact_not_found") from exc
 
 
-def _stage(store: FactStore, fact_id: int) -> dict | None:
+def stage_of(store: FactStore, fact_id: int) -> dict | None:
+    """Where the fact stands in the agent's stages (None: it never entered them)."""
     from memory.models import Stage
 
     with store.transaction() as s:
