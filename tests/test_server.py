@@ -224,6 +224,11 @@ def test_a_bad_or_missing_key_is_refused_but_health_stays_open(url):
     metrics = get(url, "/metrics").text
     assert 'engram:request_success_total{route="engram",status="200"}' in metrics
     assert "engram:generation_tokens_total" in metrics
+    for name in ("engram:e2e_request_latency_seconds_count", 'engram:time_to_first_token_seconds_bucket{le="+Inf"}',
+                 "engram:gist_pool_facts", 'engram:queue_facts{stage="stored"}'):
+        assert name in metrics, name
+    count = [line for line in metrics.splitlines() if line.startswith("engram:e2e_request_latency_seconds_count")]
+    assert int(count[0].split()[-1]) >= 1
 
 
 def test_an_oversized_body_gets_413(client):

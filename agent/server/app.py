@@ -9,10 +9,8 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent.chat import ROUTES, ChatInputError, SamplingParams, UnknownModelError
 from agent.server.errors import APIError, bad_request, server_error
+from agent.server.metrics import Metrics
 from agent.server.schemas import ChatRequest
 
 log = logging.getLogger(__name__)
@@ -38,34 +37,6 @@ class ServerLimits:
     max_messages: int = 256  # 400 above
     max_tokens: int = 4096  # max_tokens / max_completion_tokens: 400 above
     max_n: int = 8  # choices per request: 400 above
-
-
-class Metrics:
-    """Prometheus counters under the `engram:` prefix (vLLM's names, a first few)."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.requests: Counter = Counter()  # (route, status)
-        self.prompt_tokens = self.generation_tokens = 0
-
-    def count(self, route: str, status: int, prompt: int = 0, generated: int = 0) -> None:
-        route = route if route in ROUTES else "unknown"  # a label from the client's text must stay bounded
-        with self.lock:
-            self.requests[(route, status)] += 1
-            self.prompt_tokens += prompt
-            self.generation_tokens += generated
-
-    def text(self, engine) -> str:
-        with self.lock:
-            lines = ["# TYPE engram:request_success_total counter"]
-            lines += [f'engram:request_success_total{{route="{r}",status="{s}"}} {n}'
-                      for (r, s), n in sorted(self.requests.items())]
-            lines += ["# TYPE engram:prompt_tokens_total counter", f"engram:prompt_tokens_total {self.prompt_tokens}",
-                      "# TYPE engram:generation_tokens_total counter",
-                      f"engram:generation_tokens_total {self.generation_tokens}"]
-        if engine is not None:
-            lines += ["# TYPE engram:model_version gauge", f"engram:model_version {engine.model_version}"]
-        return "\n".join(lines) + "\n"
 
 
 class _Edge:
@@ -183,7 +154,7 @@ def create_app(engine=None, api_keys: Sequence[str] = (), limits: ServerLimits |
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        engine = ready()
+        engine, received = ready(), time.perf_counter()
         body = _parse(await _read_body(request, limits.max_body_bytes))
         _check(body, limits)
         user = request.headers.get("x-engram-user") or body.user
@@ -205,7 +176,7 @@ def create_app(engine=None, api_keys: Sequence[str] = (), limits: ServerLimits |
         headers = {"X-Engram-Model-Version": str(stream.model_version), "X-Engram-Route": stream.route}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = _sse(stream, body.model, completion_id, created, extra, include_usage, metrics)
+            chunks = _sse(stream, body.model, completion_id, created, extra, include_usage, metrics, received)
             return StreamingResponse(chunks, media_type="text/event-stream",
                                      headers={**headers, "Cache-Control": "no-cache"})
         try:
@@ -214,7 +185,8 @@ def create_app(engine=None, api_keys: Sequence[str] = (), limits: ServerLimits |
             stream.cancel()
             metrics.count(body.model, 500)
             raise server_error(exc) from exc
-        metrics.count(body.model, 200, answer.prompt_tokens, answer.completion_tokens)
+        metrics.count(body.model, 200, answer.prompt_tokens, answer.completion_tokens,
+                      e2e_s=time.perf_counter() - received)
         return JSONResponse({
             "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
             "system_fingerprint": f"engram-v{answer.model_version}",
@@ -279,7 +251,7 @@ def _data(payload) -> str:
 
 
 def _sse(stream, model: str, completion_id: str, created: int, extra: dict, include_usage: bool,
-         metrics: Metrics) -> Iterator[str]:
+         metrics: Metrics, received: float) -> Iterator[str]:
     """SSE chunks: a role chunk per choice (with the `engram` field), content deltas, a finish chunk per
     choice, the usage chunk only when asked for, then [DONE]. A failure midway is the last data chunk."""
     base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -290,6 +262,7 @@ def _sse(stream, model: str, completion_id: str, created: int, extra: dict, incl
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         return _data({**base, "choices": [choice], **null_usage, **more})
 
+    first = None  # seconds from the request to its first content token
     try:
         for index in range(stream.n):
             yield chunk(index, {"role": "assistant", "content": ""}, engram=extra)
@@ -297,10 +270,13 @@ def _sse(stream, model: str, completion_id: str, created: int, extra: dict, incl
             if event.finish_reason:
                 yield chunk(event.index, {}, event.finish_reason)
             elif event.text:
+                if first is None:
+                    first = time.perf_counter() - received
                 yield chunk(event.index, {"content": event.text})
         if include_usage:
             yield _data({**base, "choices": [], "usage": _usage(stream.prompt_tokens, stream.completion_tokens)})
-        metrics.count(model, 200, stream.prompt_tokens, stream.completion_tokens)
+        metrics.count(model, 200, stream.prompt_tokens, stream.completion_tokens, ttft_s=first,
+                      e2e_s=time.perf_counter() - received)
         yield "data: [DONE]\n\n"
     except Exception as exc:
         log.exception("stream %s failed", completion_id)
