@@ -181,6 +181,7 @@ _MARKER = re.compile(  # list markers: "1.", "(2)", "3)", "-", "*", "•", "[con
     re.I,
 )
 _QUOTES = "\"'“”‘’`"
+_JSON_KEY = re.compile(r'^[\[{\s]*"[\w ]{1,40}"\s*:\s*(?=["“])')  # a line of JSON cut short: {"key": "...
 
 
 def _dedupe(items) -> list[str]:
@@ -223,6 +224,7 @@ def _first_string(value) -> str | None:
 
 def _clean_line(line: str) -> str:
     line = _MARKER.sub("", line.replace("**", "").strip()).strip().rstrip(",").strip()
+    line = _JSON_KEY.sub("", line).rstrip("]}, ").strip()
     if len(line) >= 2 and line[0] in _QUOTES and line[-1] in _QUOTES:
         line = line[1:-1].strip()
     return line

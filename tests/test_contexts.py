@@ -55,6 +55,7 @@ def openai_generator(stub: OpenAIStub, **overrides) -> OpenAIContextGenerator:
     json.dumps({"contexts": GOOD}),
     json.dumps([{"context": s} for s in GOOD]),
     " ".join(GOOD),
+    "[\n" + ",\n".join(f'  {{"description": "{s}"}}' for s in GOOD) + ",\n  {\"description\": \"Nair",  # cut short
 ])
 def test_parse_reply_formats(reply):
     assert filter_statements(parse_statements(reply), TARGET) == GOOD
