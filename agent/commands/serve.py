@@ -38,16 +38,12 @@ def cmd_serve(args) -> int:
 
     agents: list = []
 
-    def start_agent() -> None:  # after the chat model: /health turns 200 first, posted facts wait in the store
-        agent = background_agent(args, store)
+    def load_all() -> None:  # the agent after the chat model: /health turns 200 first, posted facts wait
+        load()
+        agent = background_agent(args, store) if engines and not args.no_agent else None
         if agent is not None:
             agents.append(agent)
             agent.thread.start()
-
-    def load_all() -> None:
-        load()
-        if engines and not args.no_agent:
-            start_agent()
 
     threading.Thread(target=load_all, name="engram-load", daemon=True).start()
     try:
