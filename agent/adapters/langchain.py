@@ -177,11 +177,13 @@ class ChatEngram(BaseChatModel):
         stream = self._openai().chat.completions.create(messages=chat, stream=True,
                                                         stream_options={"include_usage": True}, **body)
         with stream:
-            headers, first = stream.response.headers, True
+            headers, extra = stream.response.headers, None
             for chunk in stream:
-                if first:  # the first chunk carries the `engram` field; the headers say the same
-                    first = False
-                    extra = dict((chunk.model_extra or {}).get("engram") or {})
+                # the first chunk carries the `engram` field (the headers say the same); the last finish
+                # chunk carries it again with what generation added (the pool rows the answer read)
+                more = (chunk.model_extra or {}).get("engram")
+                if extra is None or more:
+                    extra = {**(extra or {}), **(more or {})}
                     version = extra.get("model_version", headers.get("x-engram-model-version"))
                     extra.setdefault("route", headers.get("x-engram-route"))
                     extra["model_version"] = int(version) if version is not None else None

@@ -11,6 +11,11 @@ new edits, rollbacks and pool facts (agent/chat/follow.py), at most once every `
 Weights: `engram` answers with the edited weights and reads the gist pool for the request's user;
 `base`, `icl`, `rag` and `rag-subject` answer with the base weights (`ModelState.unedited`, which swaps
 only the tensors an edit touched back) and no pool, as the evaluation baselines do.
+
+Provenance: `prepare` records what is known before generation (the weight edits, the pool rows the prompt's
+subject mention opens, the facts put in the prompt); once an `engram` answer's generation ends, its
+`provenance["pool"]["rows_read"]` is the facts whose rows its forwards actually read (every gate applied,
+subjects the answer itself names included), set before the stream's end is signalled.
 """
 from __future__ import annotations
 
@@ -297,14 +302,16 @@ class ChatEngine:
         if prepared.route == "engram":  # prepared before the catch-up: its provenance is redone
             prepared.provenance.update(weight_edits=self.weight_edits, pool=self._pool(prepared.prompt, prepared.user))
 
-    def _weights(self, prepared: Prepared):
+    def _weights(self, prepared: Prepared, read: set | None):
         if prepared.route == "engram":
-            return self.gist.memory.reading(prepared.user) if self.gist is not None else contextlib.nullcontext()
+            return (self.gist.memory.reading(prepared.user, read) if self.gist is not None
+                    else contextlib.nullcontext())
         return self.state.unedited() if self.state is not None else contextlib.nullcontext()
 
     def _generate(self, stream: ChatStream, ids: list[int], params: SamplingParams, budget: int) -> None:
+        read: set | None = set() if stream.route == "engram" and self.gist is not None else None
         try:
-            with self._weights(stream.prepared):
+            with self._weights(stream.prepared, read):
                 if params.seed is not None:
                     torch.manual_seed(params.seed)  # safe: the lock makes this the only generation
                 for index in range(params.n):
@@ -313,6 +320,10 @@ class ChatEngine:
                     reason, n_new = self._one(stream, index, ids, params, budget)
                     stream.completion_tokens += n_new
                     stream.queue.put(Event(index, finish_reason=reason))
+            if read is not None:  # filled as `reading` ended; before the stream's end, so every reader sees it
+                pool = stream.provenance.get("pool") or {}
+                # a new dict, not a new key in the old one: a reader may be serialising that one now
+                stream.provenance["pool"] = {**pool, "rows_read": sorted(read)}
         except BaseException as exc:  # goes to the reader, which reports it
             log.exception("generation failed")
             stream.queue.put(exc)

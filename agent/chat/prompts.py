@@ -92,8 +92,9 @@ class Prepared:
 
 
 def pool_rows(memory, tokenizer, prompt: str, user: str | None) -> dict:
-    """The pool rows this user may read and those the prompt's mention gate opens (the relation gate may
-    narrow them further, and generated tokens may mention more subjects: an upper bound at the start)."""
+    """The pool rows this user may read and those the prompt's mention gate opens, known before generation
+    (the relation gate may narrow them, and generated tokens may mention more subjects: the rows the answer
+    really read are its `rows_read`, which the engine adds once generation ends)."""
     from editors.incomes.mention import visible_facts
 
     view = memory.pool.view(user)

@@ -29,6 +29,7 @@ from agent.server.schemas import ChatRequest
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/health", "/metrics")  # never behind the API key: probes and scrapers hold none
+HEADER_IDS = 32  # fact ids per list in X-Engram-Provenance; the rest are counted as `+N`
 
 
 @dataclass(frozen=True)
@@ -177,8 +178,9 @@ def create_app(engine=None, api_keys: Sequence[str] = (), limits: ServerLimits |
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = _sse(stream, body.model, completion_id, created, extra, include_usage, metrics, received)
-            return StreamingResponse(chunks, media_type="text/event-stream",
-                                     headers={**headers, "Cache-Control": "no-cache"})
+            return StreamingResponse(chunks, media_type="text/event-stream", headers={
+                **headers, "X-Engram-Provenance": provenance_header(stream.provenance, answered=False),
+                "Cache-Control": "no-cache"})
         try:
             answer = await run_in_threadpool(engine.collect, stream)
         except Exception as exc:
@@ -192,9 +194,31 @@ def create_app(engine=None, api_keys: Sequence[str] = (), limits: ServerLimits |
             "system_fingerprint": f"engram-v{answer.model_version}",
             "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                          "logprobs": None, "finish_reason": c.finish_reason} for c in answer.choices],
-            "usage": _usage(answer.prompt_tokens, answer.completion_tokens), "engram": extra}, headers=headers)
+            "usage": _usage(answer.prompt_tokens, answer.completion_tokens), "engram": extra},
+            headers={**headers, "X-Engram-Provenance": provenance_header(answer.provenance, answered=True)})
 
     return app
+
+
+def provenance_header(provenance: dict, answered: bool) -> str:
+    """X-Engram-Provenance: `pool=<rows read>; pool_mentioned=<rows the prompt opens>; rag=<hits>; icl=<facts>;
+    weight_edits=<edits>`, fact ids comma-separated, each list cut after HEADER_IDS ids (`,+N` more).
+    `answered`: the answer is complete, so the pool rows its forwards read are known; a streamed answer's
+    headers leave before generation, so they carry only what is known then (no `pool=`, the rows its
+    prompt's mention opens, the RAG hits): the rows it read come in its last finish chunk's `engram` field."""
+    pool = provenance.get("pool") or {}
+    lists = {"pool": pool.get("rows_read") or []} if answered else {}
+    lists.update(pool_mentioned=pool.get("rows_mentioned") or [],
+                 rag=[hit["fact_id"] for hit in provenance.get("rag_hits") or []],
+                 icl=provenance.get("icl_facts") or [], weight_edits=provenance.get("weight_edits") or [])
+    return "; ".join(f"{name}={_header_ids(ids)}" for name, ids in lists.items())
+
+
+def _header_ids(ids: Sequence) -> str:
+    # fact ids are ints, or strings in a hand-built pool: only header-safe ASCII characters of them are kept
+    shown = ["".join(c for c in str(i) if c.isascii() and (c.isalnum() or c in "-_.")) for i in ids[:HEADER_IDS]]
+    more = len(ids) - HEADER_IDS
+    return ",".join(shown + ([f"+{more}"] if more > 0 else []))
 
 
 def _validation(errors: Sequence[dict]) -> APIError:
@@ -252,8 +276,10 @@ def _data(payload) -> str:
 
 def _sse(stream, model: str, completion_id: str, created: int, extra: dict, include_usage: bool,
          metrics: Metrics, received: float) -> Iterator[str]:
-    """SSE chunks: a role chunk per choice (with the `engram` field), content deltas, a finish chunk per
-    choice, the usage chunk only when asked for, then [DONE]. A failure midway is the last data chunk."""
+    """SSE chunks: a role chunk per choice (with the `engram` field as known before generation), content
+    deltas, a finish chunk per choice (the last one with the `engram` field again, its provenance now holding
+    the pool rows the answer read), the usage chunk only when asked for, then [DONE]. A failure midway is the
+    last data chunk."""
     base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
             "system_fingerprint": f"engram-v{stream.model_version}"}
     null_usage = {"usage": None} if include_usage else {}
@@ -263,16 +289,22 @@ def _sse(stream, model: str, completion_id: str, created: int, extra: dict, incl
         return _data({**base, "choices": [choice], **null_usage, **more})
 
     first = None  # seconds from the request to its first content token
+    held = None  # (index, reason) of the latest finish: sent once more comes, or, the last, with `engram`
     try:
         for index in range(stream.n):
             yield chunk(index, {"role": "assistant", "content": ""}, engram=extra)
         for event in stream:
+            if held is not None:
+                yield chunk(held[0], {}, held[1])
+                held = None
             if event.finish_reason:
-                yield chunk(event.index, {}, event.finish_reason)
+                held = (event.index, event.finish_reason)
             elif event.text:
                 if first is None:
                     first = time.perf_counter() - received
                 yield chunk(event.index, {"content": event.text})
+        if held is not None:  # the stream has ended: the engine has set the rows the answer read
+            yield chunk(held[0], {}, held[1], engram=extra)
         if include_usage:
             yield _data({**base, "choices": [], "usage": _usage(stream.prompt_tokens, stream.completion_tokens)})
         metrics.count(model, 200, stream.prompt_tokens, stream.completion_tokens, ttft_s=first,

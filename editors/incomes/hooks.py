@@ -12,7 +12,8 @@ Per forward of the decoder:
    a cached sequence (a decoding step) or starts new ones;
 2. embedding pre-hook: find <GIST> tokens, mark the tokens after the last one in each row as
    allowed to read the pool, map the gist id to a valid row (it may lie past the embedding matrix);
-   when pool rows carry anchors, work out which rows each sequence may read (the mention gate);
+   when pool rows carry anchors, work out which rows each sequence may read (the mention gate); while
+   recording (`GistRuntime.reads`), note the rows some sequence may read;
    embedding hook: put the add-on's gist embedding at those positions;
 3. upper-layer attention pre-hook: keep (hidden_states, (cos, sin)) for the gist branch; in the
    compression pass, compute the gist position's K (pre-RoPE, after k_norm) and V;
@@ -78,6 +79,9 @@ class GistRuntime:
     # () -> [V] bool: the tokens that lengthen a word (none may follow an answer's end); asked for only when
     # an answer ends, since building it decodes the whole vocabulary (~0.5 s, then cached)
     word_continuing: Callable[[], torch.Tensor] | None = None
+    # the rows (indices of the bound pool) some forward let a sequence read, after every gate: an answer's
+    # provenance (GistMemory.reading). None: not recording
+    reads: set[int] | None = None
 
     def set_pool(self, view, layer_ids: tuple[int, ...]) -> None:
         if view is None or len(view) == 0:
@@ -126,6 +130,17 @@ class GistRuntime:
         # [B, N]; None when every sequence may read every row (no anchors): the branch then masks nothing
         self.visible = None if all(map(all, mask)) else torch.tensor(mask, dtype=torch.bool, device=ids.device)
         self.readable = [sum(row) for row in mask]  # counted here once, not on the device in every layer
+        self.note_reads(mask)
+
+    def note_reads(self, mask: list[list[bool]] | None) -> None:
+        """While recording, add the rows some sequence of this forward may read (`mask` [B][N], the final one;
+        None: every row). A compression pass reads no pool, so it records nothing."""
+        if self.reads is None or self.capture_at is not None or self.pool is None:
+            return
+        if mask is None:
+            self.reads.update(range(self.pool.n))
+        else:  # columns: a row counts once any sequence may read it
+            self.reads.update(i for i, column in enumerate(zip(*mask)) if any(column))
 
     def find_copies(self, tokens: list[list[int]], mask: list[list[bool]], continuing: bool, prompts: list[int]) -> None:
         """Set `copy_at` for this forward: where a sequence (all its tokens, a teacher-forced target's too:
@@ -201,6 +216,8 @@ def _embedding_pre(addon, num_embeddings: int):
         ids = args[0]  # [B, T]
         if rt.pool is not None and rt.pool.anchors:
             rt.gate_by_mention(ids)
+        elif rt.pool is not None:
+            rt.note_reads(None)  # no anchors: nothing is masked, every row is read
         mask = ids == addon.gist_token_id  # [B, T]
         if not bool(mask.any()):
             return None

@@ -3,7 +3,8 @@
 It loads the trained add-on shipped for a model (or one given by path), attaches it to the live model,
 and keeps one GistPool of compressed facts: `add` compresses facts (one batched forward, no backward)
 and appends their rows, `remove` drops exactly one row, `reading(user_id)` lets the forwards inside
-read global facts plus that user's. With no rows visible the model is bit-identical to the base model.
+read global facts plus that user's (and, asked to, says which facts they read: an answer's provenance).
+With no rows visible the model is bit-identical to the base model.
 
 The mention gate (on by default): a fact added with its subject is readable only by a query whose tokens
 mention that subject, so "The mother tongue of Léon Blum is" cannot read the gist of "The mother tongue of
@@ -116,9 +117,20 @@ class GistMemory:
             self.pool.set_answers(fact_id, answer_forms(self.tokenizer, answer))
 
     @contextmanager
-    def reading(self, user_id: str | None = None):
-        with self.pool.activate(self.addon, user_id):
-            yield self
+    def reading(self, user_id: str | None = None, read: set | None = None):
+        """Forwards inside read the global rows plus `user_id`'s. `read`: a set that gets, on exit, the fact ids
+        of the rows some forward inside let a sequence read (after the gates and the answer copy's hiding). A
+        reading nested inside records only for itself: its row indices are of its own view."""
+        runtime = self.addon.runtime
+        view = self.pool.view(user_id)  # bound below as it is: `runtime.reads` indexes its rows
+        previous, runtime.reads = runtime.reads, set() if read is not None else None
+        try:
+            with self.addon.use(view):
+                yield self
+        finally:
+            rows, runtime.reads = runtime.reads, previous
+            if read is not None:
+                read.update(view.fact_ids[i] for i in rows)
 
     def save(self, path: str | Path) -> Path:
         self.pool.tag = self._addon_fingerprint()  # which add-on compressed these gists
