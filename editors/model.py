@@ -160,13 +160,15 @@ def ensure_cache(cache_dir: Path, fingerprint: dict, convert, rebuild: bool = Fa
 
 
 def _load_dir(path: str, device: torch.device, **kwargs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from memory.loading import MODEL_LOAD_LOCK
 
-    hf_logging.disable_progress_bar()  # a sub-second load needs no bar; the CLI reports the time
+    with MODEL_LOAD_LOCK:  # concurrent loads (and lazy imports) in one process can break: memory/loading.py
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+        hf_logging.disable_progress_bar()  # a sub-second load needs no bar; the CLI reports the time
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
     return model.to(device).eval(), tokenizer
 
 

@@ -98,17 +98,21 @@ class TransformerEmbedder:
             if self._model is not None:
                 return
             import torch
-            from transformers import AutoModel, AutoTokenizer
-            from transformers.utils import logging as hf_logging
 
-            hf_logging.disable_progress_bar()  # a 90 MB load needs no bar
+            from memory.loading import MODEL_LOAD_LOCK
+
             start = time.perf_counter()
             want = self.config.device
             if want == "auto":
                 want = "cuda" if torch.cuda.is_available() else "cpu"
             try:
-                tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-                model = AutoModel.from_pretrained(str(self.model_dir), dtype=torch.float32)
+                with MODEL_LOAD_LOCK:  # concurrent loads (and lazy imports) in one process can break: memory/loading.py
+                    from transformers import AutoModel, AutoTokenizer
+                    from transformers.utils import logging as hf_logging
+
+                    hf_logging.disable_progress_bar()  # a 90 MB load needs no bar
+                    tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+                    model = AutoModel.from_pretrained(str(self.model_dir), dtype=torch.float32)
             except (OSError, ValueError) as exc:
                 raise ModelLoadError(f"cannot load the embedder from {self.model_dir}: {exc}") from exc
             self._device = torch.device(want)

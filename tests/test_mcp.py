@@ -1,16 +1,20 @@
 """`engram mcp` end to end, with the `mcp` package's own client over stdio.
 
 The server is a real subprocess (`python -m agent.cli --db ... mcp`), started by the client's
-`stdio_client`. The memory tools run with `--model` pointing at a directory that does not exist: they work
-without ever loading a model, and `ask` reports the load failure as a tool error. `ask` itself runs
-against a tiny config-built model saved to disk (tests/fakes.py) with a chat template. Recall ranks with
-the hash embedder, so nothing downloads and every call takes milliseconds. No check depends on the tiny
-model's exact output or on exact scores.
+`stdio_client`; a copy of its stdout is checked to hold protocol messages only. The memory tools run with
+`--no-agent` and `--model` pointing at a directory that does not exist: they work without ever loading a
+model, and `ask` reports the load failure as a tool error. `ask` itself runs against a tiny config-built
+model saved to disk (tests/fakes.py) with a chat template. Recall ranks with the hash embedder, so nothing
+downloads and every call takes milliseconds. No check depends on the tiny model's exact output or on exact
+scores. One slow test runs the agent in the server's process with the real default model: a remembered
+fact changes `ask`'s answer, and `forget` changes it back.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from contextlib import asynccontextmanager
 
 import anyio
@@ -18,6 +22,7 @@ import pytest
 from mcp import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
+from agent.cli import DEFAULT_MODEL
 from tests.fakes import ROOT, save_tiny_model
 from tests.test_server import TEMPLATE
 
@@ -29,11 +34,14 @@ DOG = {"prompt": "The name of Bob's dog is", "target": "Rex", "subject": "Bob's 
 
 @asynccontextmanager
 async def mcp_session(tmp_path, model: str, *flags: str):
-    """A client session with `engram mcp` over stdio; the server's stderr goes to tmp_path/mcp.log."""
+    """A client session with `engram mcp` over stdio; the server's stderr goes to tmp_path/mcp.log, and every
+    line it writes on stdout, to the end of the process, must be a JSON-RPC message (a `tee` keeps a copy)."""
+    stdout = tmp_path / "stdout.log"
     params = StdioServerParameters(
-        command=sys.executable,
-        args=["-m", "agent.cli", "--db", f"sqlite:///{tmp_path / 'store.sqlite'}", "mcp", "--embedder", "hash",
-              "--model", model, "--device", "cpu", *flags],
+        command="sh",
+        args=["-c", '"$@" | tee -a "$0"', str(stdout), sys.executable, "-m", "agent.cli", "--db",
+              f"sqlite:///{tmp_path / 'store.sqlite'}", "mcp", "--embedder", "hash", "--model", model,
+              "--device", "cpu", *flags],
         env={"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
              **{k: os.environ[k] for k in ("HOME", "PATH", "HF_HOME") if k in os.environ}},
         cwd=ROOT)
@@ -42,6 +50,8 @@ async def mcp_session(tmp_path, model: str, *flags: str):
             async with ClientSession(read, write) as session:
                 await session.initialize()
                 yield session
+    lines = stdout.read_text().splitlines()
+    assert lines and all(json.loads(line)["jsonrpc"] == "2.0" for line in lines), lines[:5]
 
 
 async def call(session, tool: str, **arguments):
@@ -65,7 +75,7 @@ def ids(facts) -> set[int]:
 
 def test_memory_tools_over_stdio_without_a_model(tmp_path):
     async def main():
-        async with mcp_session(tmp_path, str(tmp_path / "no-such-model")) as s:
+        async with mcp_session(tmp_path, str(tmp_path / "no-such-model"), "--no-agent") as s:
             assert TOOLS <= {tool.name for tool in (await s.list_tools()).tools}
 
             first = await call(s, "remember", fact=SENTENCE)
@@ -132,8 +142,8 @@ def tiny_model(tmp_path):
 def test_ask_answers_from_the_model_with_its_provenance(tmp_path, tiny_model):
     model_dir, addon_dir = tiny_model
 
-    async def main():
-        async with mcp_session(tmp_path, str(model_dir), "--gist-addon", str(addon_dir)) as s:
+    async def main():  # no agent: the weights and the pool hold still, so greedy answers repeat
+        async with mcp_session(tmp_path, str(model_dir), "--gist-addon", str(addon_dir), "--no-agent") as s:
             [peru] = (await call(s, "remember", fact=PERU, user="alice"))["ids"]
             [japan] = (await call(s, "remember", fact={"prompt": "The capital of Japan is", "target": "Nairobi",
                                                        "subject": "Japan"}))["ids"]
@@ -161,11 +171,10 @@ def test_ask_answers_from_the_model_with_its_provenance(tmp_path, tiny_model):
     assert "ready at version 0" in (tmp_path / "mcp.log").read_text()
 
 
-def test_streamable_http_serves_the_same_tools(tmp_path):
+def test_streamable_http_serves_the_same_tools_when_the_agent_cannot_load(tmp_path):
     import signal
     import socket
     import subprocess
-    import time
 
     from mcp import Client
 
@@ -184,6 +193,9 @@ def test_streamable_http_serves_the_same_tools(tmp_path):
             await call(client, "remember", fact=SENTENCE, user="alice")
             assert [h["statement"] for h in await call(client, "recall", query="Zorbia", user="alice")] == [SENTENCE]
             assert await call(client, "recall", query="Zorbia", user="bob") == []
+            while "no in-process agent" not in (tmp_path / "mcp.log").read_text():  # its model does not exist
+                assert time.monotonic() < deadline, (tmp_path / "mcp.log").read_text()
+                await anyio.sleep(0.1)
 
     try:
         deadline = time.monotonic() + 60
@@ -200,3 +212,50 @@ def test_streamable_http_serves_the_same_tools(tmp_path):
         server.wait(timeout=30)
         log.close()
     assert server.returncode == 0, (tmp_path / "mcp.log").read_text()
+
+
+async def until(check, what: str, seconds: float):
+    """check()'s first truthy result, asked every half second."""
+    deadline = time.monotonic() + seconds
+    while not (found := await check()):
+        assert time.monotonic() < deadline, what
+        await anyio.sleep(0.5)
+    return found
+
+
+@pytest.mark.slow
+def test_the_agent_in_process_applies_a_remembered_fact_and_forget_takes_it_out(tmp_path):
+    """The real default model, loaded twice: the agent's writer copy at startup, `ask`'s on the first ask."""
+    async def main():
+        async with mcp_session(tmp_path, DEFAULT_MODEL) as s:
+            async def ask():
+                return await call(s, "ask", question="What is the capital of Zorbia?", max_tokens=12)
+
+            async def history(fact_id, check):
+                record = await call(s, "history", fact_id=fact_id)
+                return record if check(record) else None
+
+            assert "Quellmarsh" not in (await ask())["text"]
+            [fact] = (await call(s, "remember", fact=SENTENCE))["ids"]
+            record = await until(lambda: history(fact, lambda r: r["stage"]["stage"] == "applied"),
+                                 "the agent never applied the fact", 120)
+            assert record["stage"]["route"] == "gist"  # the router's default
+
+            async def learned():  # the engine follows the store at most once a second
+                answer = await ask()
+                return answer if "Quellmarsh" in answer["text"] else None
+            answer = await until(learned, "the answer never reflected the fact", 30)
+            assert fact in answer["provenance"]["pool"]["rows_mentioned"]
+
+            await call(s, "forget", fact_id=fact)
+            await until(lambda: history(fact, lambda r: "rolled_back" in [e["kind"] for e in r["history"]]),
+                        "the agent never took the fact out", 60)
+
+            async def forgotten():
+                return "Quellmarsh" not in (await ask())["text"]
+            await until(forgotten, "the answer still reflects the forgotten fact", 30)
+
+    anyio.run(main)
+    log = (tmp_path / "mcp.log").read_text()
+    assert "the agent runs in this process" in log, log[-3000:]
+    assert "stopped (its process stopped)" in log, log[-3000:]  # it stopped cleanly when stdin closed

@@ -85,3 +85,28 @@ def test_processes_that_start_together_convert_the_cache_once(tmp_path):
     assert len(calls) == 1 and sorted(results) == [False, True]
     assert json.loads((cache_dir / "engram-cache.json").read_text()) == fingerprint
     assert ensure_cache(cache_dir, fingerprint, convert, rebuild=True) and len(calls) == 2
+
+
+@pytest.mark.slow
+def test_two_threads_loading_the_default_model_at_once_get_identical_weights():
+    import threading
+
+    from editors.fingerprint import model_fingerprint
+    from editors.model import load_model
+
+    loaded, errors = [], []
+
+    def load():
+        try:
+            loaded.append(load_model("smollm2-135m", "cpu"))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(loaded) == 2
+    a, b = (model_fingerprint(m.model, "smollm2-135m") for m in loaded)
+    assert a == b  # without the load lock, one copy came out with newly initialised embeddings

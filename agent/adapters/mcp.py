@@ -5,9 +5,10 @@ Tools: `remember` (a sentence or a fact object), `recall` (search), `list_facts`
 user sees the global facts and their own scoped ones, never another user's.
 
 `remember` stores a fact with its stage rows exactly as `POST /v1/facts` does (agent/server/facts.py), so
-the agent (`engram run` on the same store) routes and applies it. The memory tools need no model: the
-chat engine is built by `engine_factory` on the first `ask` only, and follows the store's edits from then
-on. User mistakes come back as tool errors (`is_error`) with a readable message, never as a crash.
+the agent (the one `engram mcp` runs in its process, or an `engram run` on the same store) routes and
+applies it. The memory tools need no model: the chat engine is built by `engine_factory` on the first
+`ask` only, and follows the store's edits from then on. User mistakes come back as tool errors
+(`is_error`) with a readable message, never as a crash.
 """
 from __future__ import annotations
 
