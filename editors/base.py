@@ -20,6 +20,7 @@ class EditRequest:
     target: str
     contexts: tuple[str, ...] = ()
     fact_id: int | None = None
+    subject: str | None = None  # the preservation term asks about it (editors/preservation.py)
 
 
 @dataclass

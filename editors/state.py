@@ -97,6 +97,14 @@ class ModelState:
                      .order_by(Edit.model_version, Edit.id))
             return list(s.scalars(query))
 
+    def _applied_requests(self) -> list[EditRequest]:
+        """The applied weight edits as requests (prompt, target, fact id; no contexts), oldest first."""
+        with self.store.transaction() as s:
+            rows = s.execute(select(Fact.id, Fact.prompt, Fact.target).join(Edit, Edit.fact_id == Fact.id)
+                             .where(Edit.status == "applied", Edit.backend != GIST)
+                             .order_by(Edit.model_version, Edit.id)).all()
+        return [EditRequest(prompt=p, target=t, fact_id=i) for i, p, t in rows if p and t]
+
     def _remember_base(self, names) -> None:
         params = dict(self.model.named_parameters())
         for name in names:
@@ -207,13 +215,17 @@ class ModelState:
             raise EditError(f"fact {fact.id} has no prompt/target; natural-language facts go to the gist pool or RAG")
         with self.store.transaction() as s:
             texts = tuple(s.scalars(select(Context.text).where(Context.fact_id == fact.id).order_by(Context.id)))
-        return EditRequest(prompt=fact.prompt, target=fact.target, contexts=texts, fact_id=fact.id)
+        return EditRequest(prompt=fact.prompt, target=fact.target, contexts=texts, fact_id=fact.id,
+                           subject=fact.subject)
 
     def apply(self, fact: Fact, editor: Editor, backend: str) -> AppliedEdit:
         """Edit the live model with one fact and record it; a failed edit changes nothing. The result
         fulfils the fact's pending weight row if it has one (so each fact ends applied once)."""
         self.acquire_writer()
         request = self.request_for(fact)
+        preserve = getattr(editor, "preserve", None)  # a constrained editor keeps the applied edits' keys
+        if preserve is not None:
+            preserve(self._applied_requests())
         before = snapshot(self.model, editor.parameter_names())
         start = time.perf_counter()
         try:

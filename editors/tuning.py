@@ -15,12 +15,15 @@ from typing import ClassVar
 import torch
 
 from editors.base import EditRequest, EditResult, apply_delta, finalize_delta, restore, snapshot
+from editors.constraints import UpdateConstraints
 from editors.layers import target_parameters
 from memory.errors import ConfigError, EditError
 
 log = logging.getLogger(__name__)
 
 BOX_MODES = ("absolute", "relative")
+CONSTRAINTS = ("box", "nullspace")
+UPDATE_KEYS = ("all", "subject")
 
 
 def _is_int(value) -> bool:
@@ -45,6 +48,18 @@ class TuneConfig:
     early_stop: bool = True
     stop_nll: float = 0.1  # mean NLL per target token (nats) below which the target counts as learned
     seed: int = 0
+    # "nullspace": every update is also projected off the keys of general text and of earlier edits
+    # (editors/nullspace.py), so outputs on them stay put; "box": the box alone
+    constraint: str = "box"
+    nullspace_energy: float = 0.03  # the free directions hold at most this share of general text's key energy
+    grow_preserved: bool = True  # each applied edit's keys join the preserved set
+    # "subject": an update may act only through the key at the subject's last prompt token (ROME's locus; the
+    # null-space part of it under "nullspace"), so prompts about other subjects keep their outputs
+    update_keys: str = "all"
+    stats_texts: int = 256  # general-text samples (64 tokens each) the preserved keys are collected over
+    # weight of the KL to the pre-edit model on prompts written from the fact (editors/preservation.py)
+    preserve_lam: float = 0.0
+    preserve_prompts: int = 2  # of each kind: the relation of other subjects, other relations of the subject
 
     def __post_init__(self):
         if isinstance(self.layers, list):
@@ -70,6 +85,20 @@ class TuneConfig:
             raise ConfigError(f"stop_nll must be a number >= 0, got {self.stop_nll!r}")
         if not _is_int(self.seed):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if self.constraint not in CONSTRAINTS:
+            raise ConfigError(f"constraint must be one of {CONSTRAINTS}, got {self.constraint!r}")
+        if not _is_num(self.nullspace_energy) or not 0 < self.nullspace_energy < 1:
+            raise ConfigError(f"nullspace_energy must be in (0, 1), got {self.nullspace_energy!r}")
+        if not _is_num(self.preserve_lam) or self.preserve_lam < 0:
+            raise ConfigError(f"preserve_lam must be a finite number >= 0, got {self.preserve_lam!r}")
+        if not _is_int(self.preserve_prompts) or self.preserve_prompts < 1:
+            raise ConfigError(f"preserve_prompts must be an integer >= 1, got {self.preserve_prompts!r}")
+        if self.update_keys not in UPDATE_KEYS:
+            raise ConfigError(f"update_keys must be one of {UPDATE_KEYS}, got {self.update_keys!r}")
+        if not _is_int(self.stats_texts) or self.stats_texts < 1:
+            raise ConfigError(f"stats_texts must be an integer >= 1, got {self.stats_texts!r}")
+        if not isinstance(self.grow_preserved, bool):
+            raise ConfigError(f"grow_preserved must be a bool, got {self.grow_preserved!r}")
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -127,7 +156,7 @@ def target_terms(logits: torch.Tensor, target_ids: torch.Tensor) -> tuple[torch.
     return nll, float(nll.detach()) / len(target_ids), learned
 
 
-class TunedEditor:
+class TunedEditor(UpdateConstraints):
     """The edit loop of both gradient editors; subclasses give `_objective` for one step."""
 
     name: ClassVar[str] = "tuned"
@@ -143,6 +172,8 @@ class TunedEditor:
         self.device = next(model.parameters()).device
         self.n_edits = 0
         self._undo: tuple[dict, dict] | None = None  # (delta, weights before) of the last edit
+        self._preserved = None  # editors.nullspace.Preserved, built on the first constrained edit
+        self._last_keys_id = None  # the preserved-set entry of the last edit (rollback takes it out)
 
     # --- the protocol -------------------------------------------------------------------------------
     def parameter_names(self) -> list[str]:
@@ -172,6 +203,9 @@ class TunedEditor:
         delta = finalize_delta(self.model, before)
         self._undo = (delta, before)
         self.n_edits += 1
+        if self.config.constraint == "nullspace" and self.config.grow_preserved:
+            self._last_keys_id = request.fact_id if request.fact_id is not None else ("edit", self.n_edits)
+            self._preserved.add(self._last_keys_id, self._keys_of(request.prompt, request.target))
         return EditResult(steps=_steps(history), loss=_last(history, "loss"), seconds=time.perf_counter() - start,
                           delta=delta, history=history)
 
@@ -181,6 +215,8 @@ class TunedEditor:
         if self._undo is not None and _same_delta(self._undo[0], delta):
             restore(self.model, self._undo[1])
             self._undo = None
+            if self._preserved is not None and self._last_keys_id is not None:
+                self._preserved.keep_only(set(self._preserved.edit_keys) - {self._last_keys_id})
         else:
             apply_delta(self.model, delta, sign=-1.0)
         self.n_edits = max(0, self.n_edits - 1)
@@ -207,13 +243,23 @@ class TunedEditor:
         fact = encode_fact(self.tokenizer, request.prompt, request.target, self.device)
         job = self._prepare(request, fact)
         generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        projectors = self._preserved_set().projector() if cfg.constraint == "nullspace" else None
+        if cfg.update_keys == "subject":
+            projectors = self._subject_directions(request, projectors) or projectors
+        keep = self._preservation(request) if cfg.preserve_lam > 0 else None
         for step in range(cfg.max_steps + 1):
             with torch.set_grad_enabled(step < cfg.max_steps):  # the last pass only measures
                 out = self._objective(job, step, generator)
+                keep_kl = None
+                if keep is not None:
+                    from editors.preservation import kl_term
+
+                    term = kl_term(self.model, keep)
+                    out.loss, keep_kl = out.loss + cfg.preserve_lam * term, float(term.detach())
             if not torch.isfinite(out.loss):
                 raise EditError(f"non-finite loss at step {step}")
             history.append({"step": step, "loss": float(out.loss.detach()), "nll": out.nll, "kl": out.kl,
-                            "learned": out.learned})
+                            "keep_kl": keep_kl, "learned": out.learned})
             if step == cfg.max_steps or (cfg.early_stop and self._converged(out, history)):
                 break
             optimizer.zero_grad(set_to_none=True)
@@ -222,6 +268,8 @@ class TunedEditor:
                 torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
             optimizer.step()
             self._clamp(params, before, radii)
+            if projectors is not None:
+                self._project(params, before, projectors)
 
     def _clamp(self, params: dict, before: dict[str, torch.Tensor], radii: dict[str, float] | None) -> None:
         """Project into the L-inf box around the pre-edit weights, and refuse non-finite weights."""

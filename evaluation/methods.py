@@ -219,19 +219,23 @@ class WeightEditMethod(Method):
     learns = True
     saves_state = True
 
+    editor_method = "ice"
+    preset: dict = {}  # the variant's editor settings (editor_overrides still win)
+
     def __init__(self, model, tokenizer, contexts_fn: ContextsFn | None = None, editor_overrides=None, **kw):
         super().__init__(model, tokenizer)
         self.contexts_fn = contexts_fn
-        self._overrides = editor_overrides or {}
+        self._overrides = {**self.preset, **(editor_overrides or {})}
         self._editor = None
         self._base: dict[str, torch.Tensor] | None = None
+        self._applied: list[EditRequest] = []  # the edits now in the weights (a constrained editor keeps their keys)
 
     @property
     def editor(self):
         if self._editor is None:
             from editors.registry import make_editor
 
-            self._editor = make_editor(self.name, self.model, self.tokenizer, **self._overrides)
+            self._editor = make_editor(self.editor_method, self.model, self.tokenizer, **self._overrides)
             self._base = snapshot(self.model, self._editor.parameter_names())
         return self._editor
 
@@ -246,7 +250,10 @@ class WeightEditMethod(Method):
         done = Learned()
         for edit in case.edits:
             contexts = tuple(self.contexts_fn(edit.prompt, edit.target)) if self.contexts_fn else ()
-            result = self.editor.edit(EditRequest(edit.prompt, edit.target, contexts))
+            request = EditRequest(edit.prompt, edit.target, contexts, fact_id=len(self._applied), subject=edit.subject)
+            result = self.editor.edit(request)
+            if result.ok:
+                self._applied.append(request)
             done.seconds += result.seconds
             done.steps += result.steps
             if not result.ok:
@@ -257,11 +264,19 @@ class WeightEditMethod(Method):
         return snapshot(self.model, self.editor.parameter_names())
 
     def restore(self, token) -> None:
+        """Back to a checkpoint: the harness takes them before a case of the single protocol, on the base."""
         restore(self.model, token)
+        self._preserve([])
 
     def reset(self) -> None:
         if self._base is not None:
             restore(self.model, self._base)
+        self._preserve([])
+
+    def _preserve(self, requests: list[EditRequest]) -> None:
+        self._applied = list(requests)
+        if self._editor is not None and hasattr(self._editor, "preserve"):
+            self._editor.preserve(self._applied)
 
     def save_state(self, path: Path, meta: dict[str, str] | None = None) -> None:
         from safetensors.torch import save_file
@@ -275,7 +290,9 @@ class WeightEditMethod(Method):
     def load_state(self, path: Path, cases: Sequence[EditCase]) -> None:
         from safetensors.torch import load_file
 
-        self.restore(load_file(str(path)))
+        restore(self.model, load_file(str(path)))
+        self._preserve([EditRequest(e.prompt, e.target, fact_id=i)
+                        for i, e in enumerate(e for case in cases for e in case.edits)])
 
 
 class ICEMethod(WeightEditMethod):
@@ -284,6 +301,19 @@ class ICEMethod(WeightEditMethod):
 
 class FTMMethod(WeightEditMethod):
     name = "ftm"
+    editor_method = "ftm"
+
+
+class ICENullspaceMethod(ICEMethod):
+    """ICE with every update projected off the preserved keys (editors/nullspace.py)."""
+
+    name = "ice-ns"
+    preset = {"constraint": "nullspace"}
+
+
+class FTMNullspaceMethod(FTMMethod):
+    name = "ftm-ns"
+    preset = {"constraint": "nullspace"}
 
 
 class GistMethod(Method):
@@ -391,7 +421,7 @@ class NoCopyGistMethod(GistMethod):
     answer_copy = False
 
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Method, FTMMethod, ICEMethod, GistMethod,
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Method, FTMMethod, ICEMethod, ICENullspaceMethod, FTMNullspaceMethod, GistMethod,
                                                               CosineGistMethod, UngatedGistMethod,
                                                               MentionGistMethod, NoCopyGistMethod, ICLMethod,
                                                               RAGMethod, RAGSubjectMethod)}

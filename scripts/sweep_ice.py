@@ -73,7 +73,7 @@ def load_records(path: str) -> list[dict]:
         loc = r.get("locality_prompt")
         if loc is None and isinstance(r.get("locality"), dict):
             loc = next((item["prompt"] for items in r["locality"].values() for item in items), None)
-        records.append({"prompt": r["prompt"], "target": r["target_new"], "locality": loc})
+        records.append({"prompt": r["prompt"], "target": r["target_new"], "locality": loc, "subject": r.get("subject")})
     return records
 
 
@@ -134,7 +134,8 @@ def run(args) -> dict:
     now, steps, seconds = [], [], []
     for i, fact in enumerate(facts):
         ctx = tuple(template_contexts(fact["prompt"], fact["target"])) if args.contexts == "template" else ()
-        result = editor.edit(EditRequest(fact["prompt"], fact["target"], contexts=ctx))
+        result = editor.edit(EditRequest(fact["prompt"], fact["target"], contexts=ctx, fact_id=i,
+                                         subject=fact["subject"]))
         answer = answers(model, tokenizer, [fact["prompt"]])[0]
         now.append(result.ok and succeeded(answer, fact["target"]))
         steps.append(result.steps)

@@ -1,0 +1,104 @@
+"""What keeps a gradient edit local, beside the box: the settings `constraint`, `update_keys` and
+`preserve_lam` of TuneConfig, as a mixin of the shared loop (editors/tuning.py).
+
+- constraint="nullspace": each update D becomes D U U^T, U the directions that general text's keys barely
+  use, minus those of the applied edits' keys (editors/nullspace.py); outputs on those keys stay put.
+- update_keys="subject": the update acts only through the key at the subject's last prompt token (its
+  free part under "nullspace"): ROME's locus, so prompts about other subjects keep their outputs.
+- preserve_lam > 0: the KL to the pre-edit model on prompts written from the fact (editors/preservation.py).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from editors.base import EditRequest
+
+log = logging.getLogger(__name__)
+
+
+class UpdateConstraints:
+    """Mixed into TunedEditor: needs its config, model, tokenizer, device, _param_names and _preserved."""
+
+    def preserve(self, requests) -> None:
+        """Make the preserved edit keys those of `requests` (the applied weight edits, with fact ids):
+        a rolled-back fact's keys leave the set, and edits made before a restart join it."""
+        if self.config.constraint != "nullspace" or not self.config.grow_preserved:
+            return
+        preserved = self._preserved_set()
+        ids = [r.fact_id for r in requests]
+        preserved.keep_only(ids)
+        for r in requests:
+            if r.fact_id not in preserved.edit_keys:
+                preserved.add(r.fact_id, self._keys_of(r.prompt, r.target))
+
+    def _preserved_set(self):
+        if self._preserved is None:
+            from editors.nullspace import Preserved, StatsConfig, load_or_collect, null_basis
+
+            moments = load_or_collect(self.model, self.tokenizer, self._param_names,
+                                      StatsConfig(n_texts=self.config.stats_texts))
+            self._preserved = Preserved({n: null_basis(m, self.config.nullspace_energy).to(self.device)
+                                         for n, m in moments.items()})
+            log.info("null-space constraint: free directions per matrix %s", self._preserved.free_dims())
+        return self._preserved
+
+    def _keys_of(self, prompt: str, target: str) -> dict[str, torch.Tensor]:
+        """The edited matrices' inputs where the model predicts the target's tokens."""
+        from editors.nullspace import edit_keys
+        from editors.tuning import encode_fact
+
+        fact = encode_fact(self.tokenizer, prompt, target, self.device)
+        ids = torch.cat([fact.prompt_ids, fact.target_ids[:-1]])
+        first = len(fact.prompt_ids) - 1
+        keys = edit_keys(self.model, ids, range(first, first + len(fact.target_ids)), self._param_names)
+        return {n: k.to(self.device) for n, k in keys.items()}
+
+    def _subject_directions(self, request: EditRequest, bases: dict | None) -> dict[str, torch.Tensor] | None:
+        """Per matrix, the unit direction of the key at the subject's last token (within the free directions
+        when `bases` are given); None when the prompt does not name the subject."""
+        from editors.nullspace import edit_keys
+
+        position = subject_position(self.tokenizer, request.prompt, request.subject)
+        if position is None:
+            return None
+        ids = torch.tensor(self.tokenizer(request.prompt)["input_ids"], device=self.device)
+        keys = edit_keys(self.model, ids, [position], self._param_names)
+        directions = {}
+        for name, key in keys.items():
+            key = key.to(self.device)[0]  # [in]
+            if bases is not None:
+                key = bases[name] @ (bases[name].T @ key)
+            if float(key.norm()) < 1e-8:
+                return None
+            directions[name] = (key / key.norm())[:, None]  # [in, 1]
+        return directions
+
+    def _preservation(self, request: EditRequest):
+        from editors.preservation import prepare, preservation_prompts
+
+        prompts = preservation_prompts(request.prompt, request.subject, self.config.preserve_prompts)
+        return prepare(self.model, self.tokenizer, prompts, self.device)
+
+    @staticmethod
+    def _project(params: dict, before: dict[str, torch.Tensor], bases: dict[str, torch.Tensor]) -> None:
+        """The edit so far, D = W - W_before, becomes D U U^T: it no longer moves outputs on preserved keys."""
+        from editors.nullspace import project
+
+        with torch.no_grad():
+            for name, old in before.items():
+                weight = params[name]
+                weight.copy_(old + project(weight - old, bases[name]))
+
+
+def subject_position(tokenizer, prompt: str, subject: str | None) -> int | None:
+    """The index of the prompt token that ends the subject's first mention, or None."""
+    subject = (subject or "").strip()
+    start = prompt.find(subject) if subject else -1
+    if start < 0:
+        return None
+    end = start + len(subject)
+    offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    return inside[-1] if inside else None
