@@ -31,7 +31,7 @@ class UpdateConstraints:
         preserved.keep_only(ids)
         for r in requests:
             if r.fact_id not in preserved.edit_keys:
-                preserved.add(r.fact_id, self._keys_of(r.prompt, r.target))
+                preserved.add(r.fact_id, self._keys_of(r))
 
     def _preserved_set(self):
         if self._preserved is None:
@@ -44,15 +44,20 @@ class UpdateConstraints:
             log.info("null-space constraint: free directions per matrix %s", self._preserved.free_dims())
         return self._preserved
 
-    def _keys_of(self, prompt: str, target: str) -> dict[str, torch.Tensor]:
-        """The edited matrices' inputs where the model predicts the target's tokens."""
+    def _keys_of(self, request: EditRequest) -> dict[str, torch.Tensor]:
+        """The edited matrices' inputs where the model predicts the target's tokens, and at the subject's
+        last token (where a subject-keyed edit writes)."""
         from editors.nullspace import edit_keys
         from editors.tuning import encode_fact
 
-        fact = encode_fact(self.tokenizer, prompt, target, self.device)
+        fact = encode_fact(self.tokenizer, request.prompt, request.target, self.device)
         ids = torch.cat([fact.prompt_ids, fact.target_ids[:-1]])
         first = len(fact.prompt_ids) - 1
-        keys = edit_keys(self.model, ids, range(first, first + len(fact.target_ids)), self._param_names)
+        positions = list(range(first, first + len(fact.target_ids)))
+        at_subject = subject_position(self.tokenizer, request.prompt, request.subject)
+        if at_subject is not None and at_subject not in positions:
+            positions.insert(0, at_subject)
+        keys = edit_keys(self.model, ids, positions, self._param_names)
         return {n: k.to(self.device) for n, k in keys.items()}
 
     def _subject_directions(self, request: EditRequest, bases: dict | None) -> dict[str, torch.Tensor] | None:

@@ -98,12 +98,12 @@ class ModelState:
             return list(s.scalars(query))
 
     def _applied_requests(self) -> list[EditRequest]:
-        """The applied weight edits as requests (prompt, target, fact id; no contexts), oldest first."""
+        """The applied weight edits as requests (prompt, target, fact id, subject; no contexts), oldest first."""
         with self.store.transaction() as s:
-            rows = s.execute(select(Fact.id, Fact.prompt, Fact.target).join(Edit, Edit.fact_id == Fact.id)
+            rows = s.execute(select(Fact.id, Fact.prompt, Fact.target, Fact.subject).join(Edit, Edit.fact_id == Fact.id)
                              .where(Edit.status == "applied", Edit.backend != GIST)
                              .order_by(Edit.model_version, Edit.id)).all()
-        return [EditRequest(prompt=p, target=t, fact_id=i) for i, p, t in rows if p and t]
+        return [EditRequest(prompt=p, target=t, fact_id=i, subject=subject) for i, p, t, subject in rows if p and t]
 
     def _remember_base(self, names) -> None:
         params = dict(self.model.named_parameters())

@@ -291,7 +291,7 @@ class WeightEditMethod(Method):
         from safetensors.torch import load_file
 
         restore(self.model, load_file(str(path)))
-        self._preserve([EditRequest(e.prompt, e.target, fact_id=i)
+        self._preserve([EditRequest(e.prompt, e.target, fact_id=i, subject=e.subject)
                         for i, e in enumerate(e for case in cases for e in case.edits)])
 
 

@@ -176,3 +176,14 @@ def test_a_subject_keyed_edit_moves_each_matrix_along_one_free_direction_only():
         assert float(singular[1]) < 1e-4 * float(singular[0]), name  # rank 1: one input direction
         off = delta - project(delta, editor._preserved.base[name])
         assert float(off.norm()) <= 1e-4 * float(delta.norm()), name  # and that direction is a free one
+
+
+def test_a_later_subject_keyed_edit_leaves_the_earlier_subjects_key_alone():
+    editor = constrained(update_keys="subject")
+    editor.edit(EditRequest("Alpha lives in", "Rome", fact_id=1, subject="Alpha"))
+    keys = editor._preserved.edit_keys[1]  # the subject's key first, then the target positions'
+    result = editor.edit(EditRequest("Beta works for", "Acme", fact_id=2, subject="Beta"))
+    assert result.ok
+    for name, delta in result.delta.items():
+        moved = keys[name] @ delta.T
+        assert float(moved.abs().max()) < 1e-4 * max(1.0, float(delta.abs().max())), name
