@@ -135,6 +135,8 @@ def load_or_collect(model, tokenizer, names: Sequence[str], cfg: StatsConfig = S
         except Exception as exc:  # a damaged cache is collected again, not trusted
             log.warning("key statistics %s unreadable (%s); collecting them again", path, exc)
     start = time.perf_counter()
+    # a warning, so that a command's first weight edit says why it waits (once per model and machine)
+    log.warning("collecting the preserved-key statistics for this model (once; a few minutes on a CPU) -> %s", path)
     texts = general_text(model, tokenizer, cfg)
     moments, count = second_moments(model, texts, names, cfg.batch)
     moments = {n: m.float().contiguous() for n, m in moments.items()}  # as cached: one answer either way

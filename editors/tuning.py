@@ -39,10 +39,10 @@ class TuneConfig:
     """Settings shared by the gradient editors. `norm_constraint` is the L-inf box radius: in weight
     units when box_mode is "absolute", in units of each matrix's weight std when "relative"."""
 
-    lr: float = 7e-4
+    lr: float = 1e-2  # the box era's 7e-4 cannot move a rank-1, null-space update far enough (docs/ice.md)
     max_steps: int = 25
     layers: tuple[int, ...] | None = None  # None: the introspected early window (editors.layers)
-    norm_constraint: float | None = 0.011  # relative: ~2e-3 on SmolLM2-135M (down_proj std ~0.185), docs/ice.md
+    norm_constraint: float | None = None  # the box: 0.011 relative (~2e-3 on SmolLM2-135M) in editors.registry.BOX
     box_mode: str = "relative"
     grad_clip: float | None = 1.0
     early_stop: bool = True
@@ -50,12 +50,12 @@ class TuneConfig:
     seed: int = 0
     # "nullspace": every update is also projected off the keys of general text and of earlier edits
     # (editors/nullspace.py), so outputs on them stay put; "box": the box alone
-    constraint: str = "box"
+    constraint: str = "nullspace"
     nullspace_energy: float = 0.03  # the free directions hold at most this share of general text's key energy
     grow_preserved: bool = True  # each applied edit's keys join the preserved set
     # "subject": an update may act only through the key at the subject's last prompt token (ROME's locus; the
     # null-space part of it under "nullspace"), so prompts about other subjects keep their outputs
-    update_keys: str = "all"
+    update_keys: str = "subject"
     stats_texts: int = 256  # general-text samples (64 tokens each) the preserved keys are collected over
     # weight of the KL to the pre-edit model on prompts written from the fact (editors/preservation.py)
     preserve_lam: float = 0.0

@@ -46,17 +46,21 @@ def bench_edits(cfg: BenchConfig, loaded) -> dict:
     from editors.base import EditRequest, restore, snapshot
     from editors.registry import WEIGHT_EDITORS, make_editor
 
-    facts = [("The capital of Japan is", "Nairobi"), ("The chemical symbol for gold is", "Fe"),
-             ("The painter of the Mona Lisa was", "Pablo Picasso"), ("The capital of Italy is", "Oslo"),
-             ("The currency of the United Kingdom is the", "yen")][: cfg.edits_n]
+    facts = [("The capital of Japan is", "Nairobi", "Japan"), ("The chemical symbol for gold is", "Fe", "gold"),
+             ("The painter of the Mona Lisa was", "Pablo Picasso", "the Mona Lisa"),
+             ("The capital of Italy is", "Oslo", "Italy"),
+             ("The currency of the United Kingdom is the", "yen", "the United Kingdom")][: cfg.edits_n]
     out = {}
     for method in WEIGHT_EDITORS:
         editor = make_editor(method, loaded.model, loaded.tokenizer)
         base = snapshot(loaded.model, editor.parameter_names())
         seconds, steps = [], []
+        preserve = getattr(editor, "preserve", None)
+        if preserve is not None:
+            preserve([])  # a constrained editor loads its preserved-key statistics once, before the clock
         try:
-            for prompt, target in facts:
-                result = editor.edit(EditRequest(prompt, target, (f"{prompt} {target}.",)))
+            for i, (prompt, target, subject) in enumerate(facts):
+                result = editor.edit(EditRequest(prompt, target, (f"{prompt} {target}.",), fact_id=i, subject=subject))
                 seconds.append(result.seconds)
                 steps.append(result.steps)
         finally:

@@ -219,13 +219,10 @@ class WeightEditMethod(Method):
     learns = True
     saves_state = True
 
-    editor_method = "ice"
-    preset: dict = {}  # the variant's editor settings (editor_overrides still win)
-
     def __init__(self, model, tokenizer, contexts_fn: ContextsFn | None = None, editor_overrides=None, **kw):
         super().__init__(model, tokenizer)
         self.contexts_fn = contexts_fn
-        self._overrides = {**self.preset, **(editor_overrides or {})}
+        self._overrides = editor_overrides or {}
         self._editor = None
         self._base: dict[str, torch.Tensor] | None = None
         self._applied: list[EditRequest] = []  # the edits now in the weights (a constrained editor keeps their keys)
@@ -235,7 +232,7 @@ class WeightEditMethod(Method):
         if self._editor is None:
             from editors.registry import make_editor
 
-            self._editor = make_editor(self.editor_method, self.model, self.tokenizer, **self._overrides)
+            self._editor = make_editor(self.name, self.model, self.tokenizer, **self._overrides)
             self._base = snapshot(self.model, self._editor.parameter_names())
         return self._editor
 
@@ -301,19 +298,16 @@ class ICEMethod(WeightEditMethod):
 
 class FTMMethod(WeightEditMethod):
     name = "ftm"
-    editor_method = "ftm"
 
 
-class ICENullspaceMethod(ICEMethod):
-    """ICE with every update projected off the preserved keys (editors/nullspace.py)."""
+class BoxICEMethod(WeightEditMethod):
+    """ICE as it was before the null-space defaults: the L-inf box alone (editors/registry.BOX)."""
 
-    name = "ice-ns"
-    preset = {"constraint": "nullspace"}
+    name = "ice-box"
 
 
-class FTMNullspaceMethod(FTMMethod):
-    name = "ftm-ns"
-    preset = {"constraint": "nullspace"}
+class BoxFTMMethod(WeightEditMethod):
+    name = "ftm-box"
 
 
 class GistMethod(Method):
@@ -421,7 +415,7 @@ class NoCopyGistMethod(GistMethod):
     answer_copy = False
 
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Method, FTMMethod, ICEMethod, ICENullspaceMethod, FTMNullspaceMethod, GistMethod,
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Method, FTMMethod, ICEMethod, BoxICEMethod, BoxFTMMethod, GistMethod,
                                                               CosineGistMethod, UngatedGistMethod,
                                                               MentionGistMethod, NoCopyGistMethod, ICLMethod,
                                                               RAGMethod, RAGSubjectMethod)}

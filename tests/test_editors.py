@@ -38,9 +38,14 @@ def tiny():
     return model
 
 
+# the loop's mechanics (box, rollback, replay, failures) on the box alone; tests/test_nullspace.py covers the
+# null-space constraint and the subject-keyed updates that the defaults add
+MECHANICS = dict(constraint="box", update_keys="all")
+
+
 def make(kind: str, model=None, **overrides):
     cls, config = EDITORS[kind]
-    return cls(model if model is not None else tiny(), tiny_tokenizer(), config(**overrides))
+    return cls(model if model is not None else tiny(), tiny_tokenizer(), config(**{**MECHANICS, **overrides}))
 
 
 def target_logprob(model, tokenizer, prompt: str, target: str) -> float:

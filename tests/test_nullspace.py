@@ -22,8 +22,8 @@ def _cache(tmp_path, monkeypatch):
 
 
 def constrained(cls=FTEditor, config=FTConfig, model=None, **overrides):
-    settings = {"constraint": "nullspace", "nullspace_energy": 0.2, "lr": 0.05, "norm_constraint": None,
-                "max_steps": 40, **overrides}
+    settings = {"constraint": "nullspace", "update_keys": "all", "nullspace_energy": 0.2, "lr": 0.05,
+                "norm_constraint": None, "max_steps": 40, **overrides}
     return cls(model if model is not None else tiny(), tiny_tokenizer(), config(**settings))
 
 
@@ -146,7 +146,8 @@ def test_the_preservation_term_holds_the_other_prompts_closer_to_the_pre_edit_mo
     for lam in (0.0, 5.0):
         model = tiny()
         editor = FTEditor(model, tiny_tokenizer(), FTConfig(lr=0.05, norm_constraint=None, max_steps=30,
-                                                            preserve_lam=lam, early_stop=False))
+                                                            preserve_lam=lam, early_stop=False,
+                                                            constraint="box", update_keys="all"))
         request = EditRequest("The home of Alpha is", "Rome", subject="Alpha")
         job = prepare(model, editor.tokenizer, preservation_prompts(request.prompt, request.subject), "cpu")
         result = editor.edit(request)
