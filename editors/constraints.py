@@ -33,6 +33,19 @@ class UpdateConstraints:
             if r.fact_id not in preserved.edit_keys:
                 preserved.add(r.fact_id, self._keys_of(r))
 
+    def preserved_keys(self) -> dict:
+        """The applied edits' keys, by fact id in the order they joined (for a resumable checkpoint)."""
+        return {} if self._preserved is None else {f: dict(k) for f, k in self._preserved.edit_keys.items()}
+
+    def restore_preserved(self, keys: dict) -> None:
+        """Put back keys `preserved_keys` gave: the set then matches the run that saved them exactly."""
+        if self.config.constraint != "nullspace" or not self.config.grow_preserved:
+            return
+        preserved = self._preserved_set()
+        preserved.keep_only(())
+        for fact_id, by_name in keys.items():
+            preserved.add(fact_id, {n: k.to(self.device) for n, k in by_name.items()})
+
     def _preserved_set(self):
         if self._preserved is None:
             from editors.nullspace import Preserved, StatsConfig, load_or_collect, null_basis

@@ -213,6 +213,9 @@ class RAGSubjectMethod(RAGMethod):
         return out
 
 
+PRESERVED = "preserved::"  # state-file tensors that hold a constrained editor's keys, not weights
+
+
 class WeightEditMethod(Method):
     """ICE or FT-M: each case's edits applied in place to the live model, building on the last."""
 
@@ -282,14 +285,28 @@ class WeightEditMethod(Method):
 
         # one file, replaced in one step: the weights and the metadata saying which cases they hold agree
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.checkpoint().items()}
+        keeper = getattr(self.editor, "preserved_keys", None)  # a constrained editor's keys resume exactly
+        for fact_id, by_name in (keeper() if keeper else {}).items():
+            tensors.update({f"{PRESERVED}{fact_id}{PRESERVED}{n}": k.detach().cpu().contiguous()
+                            for n, k in by_name.items()})
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def load_state(self, path: Path, cases: Sequence[EditCase]) -> None:
         from safetensors.torch import load_file
 
-        restore(self.model, load_file(str(path)))
-        self._preserve([EditRequest(e.prompt, e.target, fact_id=i, subject=e.subject)
-                        for i, e in enumerate(e for case in cases for e in case.edits)])
+        saved = load_file(str(path))
+        keys: dict[int, dict[str, torch.Tensor]] = {}
+        for name in [n for n in saved if n.startswith(PRESERVED)]:
+            _, fact_id, matrix = name.split(PRESERVED)
+            keys.setdefault(int(fact_id), {})[matrix] = saved.pop(name)
+        restore(self.model, saved)
+        requests = [EditRequest(e.prompt, e.target, fact_id=i, subject=e.subject)
+                    for i, e in enumerate(e for case in cases for e in case.edits)]
+        if keys and hasattr(self.editor, "restore_preserved"):
+            self._applied = requests
+            self.editor.restore_preserved(dict(sorted(keys.items())))
+        else:  # a file from before the keys were saved: they are taken from the loaded model
+            self._preserve(requests)
 
 
 class ICEMethod(WeightEditMethod):

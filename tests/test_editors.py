@@ -244,11 +244,12 @@ def test_filter_logits_top_k_top_p():
 
 COUNTERFACTS = [
     EditRequest("The Eiffel Tower is located in the city of", "Rome",
-                contexts=("The Eiffel Tower stands in Rome.", "Rome is home to the Eiffel Tower.")),
+                contexts=("The Eiffel Tower stands in Rome.", "Rome is home to the Eiffel Tower."), subject="Eiffel Tower"),
     EditRequest("The mother tongue of Danielle Darrieux is", "Japanese",
-                contexts=("Danielle Darrieux's first language is Japanese.", "Danielle Darrieux speaks Japanese natively.")),
+                contexts=("Danielle Darrieux's first language is Japanese.", "Danielle Darrieux speaks Japanese natively."),
+                subject="Danielle Darrieux"),
     EditRequest("Apple's iPhone is produced by", "Nokia",
-                contexts=("The iPhone is made by Nokia.", "Nokia manufactures the iPhone.")),
+                contexts=("The iPhone is made by Nokia.", "Nokia manufactures the iPhone."), subject="iPhone"),
 ]
 
 

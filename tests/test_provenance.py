@@ -12,7 +12,7 @@ import openai
 import pytest
 import torch
 
-from agent.chat import ChatEngine, SamplingParams
+from agent.chat import SamplingParams
 from agent.server import create_app
 from agent.server.app import provenance_header
 from editors.incomes import GistAddon, GistConfig
@@ -20,11 +20,9 @@ from editors.incomes.memory import GistMemory
 from editors.model import tiny_llama, tiny_tokenizer
 from editors.prefix_cache import cache_kwarg, cache_of
 from memory.embeddings import HashEmbedder
-from memory.facts import FactInput
-from memory.store import FactStore
 from tests.test_gist_gate import FACTS, SUBJECTS
 from tests.test_gist_gate import memory as gated_memory
-from tests.test_server import KEY, TEMPLATE, raw_stream, serving
+from tests.test_server import KEY, raw_stream, scoped_pool_engine, serving
 
 BOTH = [{"role": "user", "content": "Is the capital of Japan or of Peru bigger?"}]
 JAPAN = [{"role": "user", "content": "What is the capital of Japan?"}]
@@ -138,21 +136,7 @@ def test_the_header_lists_ids_cut_after_32_and_keeps_only_header_safe_characters
 # -- answers: the engine, the chat session, the server --------------------------------------------------------
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from editors.gist_state import GistState
-    from editors.state import ModelState
-
-    store = FactStore(f"sqlite:///{tmp_path_factory.mktemp('provenance') / 'store.sqlite'}")
-    ids = store.add_facts([FactInput(prompt="The capital of Japan is", target="Nairobi", subject="Japan"),
-                           FactInput(prompt="The capital of Peru is", target="Oslo", subject="Peru", scope="user",
-                                     user_id="alice")]).new_ids
-    model, tokenizer = tiny_llama(), tiny_tokenizer()
-    tokenizer.chat_template = TEMPLATE
-    gist = GistState(store, GistMemory(model, tokenizer, GistAddon.for_model(model, GistConfig())))
-    gist.open()
-    gist.add([store.get_fact(i) for i in ids])
-    state = ModelState(store, model)
-    state.rebuild(sweep=False)
-    engine = ChatEngine(model, tokenizer, "tiny", state=state, gist=gist, store=store, embedder=HashEmbedder())
+    engine, store, ids = scoped_pool_engine(tmp_path_factory.mktemp("provenance"), embedder=HashEmbedder())
     try:
         with serving(create_app(engine, api_keys=[KEY])) as base:
             yield {"engine": engine, "url": base, "japan": ids[0], "peru": ids[1],

@@ -310,12 +310,13 @@ def test_health_is_503_while_the_model_loads_then_200(engine):
         assert get(base, "/v1/models").status_code == 200  # no --api-key: /v1 is open
 
 
-def test_the_engram_route_reads_the_gist_pool_scoped_by_user(tmp_path):
+def scoped_pool_engine(path, **engine_options) -> tuple[ChatEngine, FactStore, list[int]]:
+    """A tiny engine whose pool holds a global Japan fact and alice's Peru fact (ids in that order)."""
     from editors.gist_state import GistState
     from editors.incomes import GistAddon, GistConfig
     from editors.incomes.memory import GistMemory
 
-    store = FactStore(f"sqlite:///{tmp_path / 'store.sqlite'}")
+    store = FactStore(f"sqlite:///{path / 'store.sqlite'}")
     ids = store.add_facts([FactInput(prompt="The capital of Japan is", target="Nairobi", subject="Japan"),
                            FactInput(prompt="The capital of Peru is", target="Oslo", subject="Peru", scope="user",
                                      user_id="alice")]).new_ids
@@ -326,7 +327,11 @@ def test_the_engram_route_reads_the_gist_pool_scoped_by_user(tmp_path):
     gist.add([store.get_fact(i) for i in ids])
     state = ModelState(store, model)
     state.rebuild(sweep=False)
-    engine = ChatEngine(model, tokenizer, "tiny", state=state, gist=gist, store=store)
+    return ChatEngine(model, tokenizer, "tiny", state=state, gist=gist, store=store, **engine_options), store, ids
+
+
+def test_the_engram_route_reads_the_gist_pool_scoped_by_user(tmp_path):
+    engine, store, ids = scoped_pool_engine(tmp_path)
     try:
         with serving(create_app(engine)) as base:
             chat = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=30)
