@@ -7,7 +7,7 @@ from dataclasses import fields
 from memory.errors import ConfigError
 
 # the editors as they were before the null-space defaults (docs/ice.md): the L-inf box alone
-BOX = {"constraint": "box", "update_keys": "all", "lr": 7e-4, "norm_constraint": 0.011}
+BOX = {"constraint": "box", "update_keys": "all", "lr": 7e-4, "norm_constraint": 0.011, "max_steps": 25}
 
 # method -> (module, editor class, config class, settings over the config's defaults)
 WEIGHT_EDITORS = {

@@ -40,7 +40,7 @@ class TuneConfig:
     units when box_mode is "absolute", in units of each matrix's weight std when "relative"."""
 
     lr: float = 1e-2  # the box era's 7e-4 cannot move a rank-1, null-space update far enough (docs/ice.md)
-    max_steps: int = 25
+    max_steps: int = 50  # a rank-1 update needs more steps on hard facts (wiki_counterfact train: docs/ice.md)
     layers: tuple[int, ...] | None = None  # None: the introspected early window (editors.layers)
     norm_constraint: float | None = None  # the box: 0.011 relative (~2e-3 on SmolLM2-135M) in editors.registry.BOX
     box_mode: str = "relative"

@@ -5,6 +5,10 @@ Edits N facts one after another on the live model with one config, then reports:
   success_all   the same check for every fact after all N edits (retention)
   loc_exact     locality probes whose greedy 6-token output is unchanged vs the unedited model
   loc_token     fraction of those 6 tokens whose teacher-forced argmax is unchanged (finer)
+  unrel_exact, unrel_token  the same on unrelated prompts: the prompts of the file's next records, which
+                no edit touched (other subjects, mostly other relations; the file's own probes are
+                neighbours: CounterFact's ask the edit's relation of other subjects, wiki_counterfact's
+                other relations of the same subject)
   loc_by_pos    that token agreement at each of the 6 positions
   steps, seconds per edit
 and appends one JSON line per run to --out.
@@ -129,6 +133,11 @@ def run(args) -> dict:
     probes = list(dict.fromkeys(r["locality"] for r in records[args.offset:] if r["locality"]))[:args.probes]
     base = greedy_ids(model, tokenizer, probes)
     probes, base = [p for p, b in zip(probes, base) if b], [b for b in base if b]  # drop instant-EOS probes
+    edited = {f["subject"] for f in facts}
+    unrelated = [r["prompt"] for r in records[args.offset + args.n:] if r["subject"] not in edited][:args.probes]
+    unrelated_base = greedy_ids(model, tokenizer, unrelated)
+    unrelated = [p for p, b in zip(unrelated, unrelated_base) if b]
+    unrelated_base = [b for b in unrelated_base if b]
     editor = make_editor(args.method, model, tokenizer, **overrides(args.set))
     saved = snapshot(model, editor.parameter_names())
     now, steps, seconds = [], [], []
@@ -144,12 +153,14 @@ def run(args) -> dict:
                      "ok" if now[-1] else "MISS", result.steps, result.seconds, answer)
     final = answers(model, tokenizer, [f["prompt"] for f in facts])
     loc_exact, loc_token, loc_by_pos = locality(model, tokenizer, probes, base)
+    unrel_exact, unrel_token, _ = locality(model, tokenizer, unrelated, unrelated_base)
     restore(model, saved)
     return {"tag": args.tag, "method": args.method, "config": editor.config.to_dict(), "contexts": args.contexts,
             "data": Path(args.data).name, "n": len(facts), "offset": args.offset, "probes": len(probes),
             "success_now": sum(now) / len(facts),
             "success_all": sum(succeeded(a, f["target"]) for a, f in zip(final, facts)) / len(facts),
-            "loc_exact": loc_exact, "loc_token": loc_token, "loc_by_pos": loc_by_pos, "steps_mean": statistics.mean(steps),
+            "loc_exact": loc_exact, "loc_token": loc_token, "loc_by_pos": loc_by_pos,
+            "unrel_exact": unrel_exact, "unrel_token": unrel_token, "steps_mean": statistics.mean(steps),
             "seconds_median": statistics.median(seconds), "threads": args.threads}
 
 
@@ -162,7 +173,8 @@ def main(argv=None) -> None:
     with open(args.out, "a") as fh:
         fh.write(json.dumps(row) + "\n")
     print(f"{row['tag'] or '-':24s} {row['method']:4s} now {row['success_now']:.2f} all {row['success_all']:.2f} "
-          f"loc {row['loc_exact']:.2f} tok {row['loc_token']:.3f} steps {row['steps_mean']:.1f} "
+          f"loc {row['loc_exact']:.2f} tok {row['loc_token']:.3f} unrel {row['unrel_exact']:.2f} "
+          f"tok {row['unrel_token']:.3f} steps {row['steps_mean']:.1f} "
           f"s/edit {row['seconds_median']:.1f}")
 
 
