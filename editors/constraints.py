@@ -21,10 +21,15 @@ log = logging.getLogger(__name__)
 class UpdateConstraints:
     """Mixed into TunedEditor: needs its config, model, tokenizer, device, _param_names and _preserved."""
 
+    @property
+    def grows_preserved(self) -> bool:
+        """Whether applied edits' keys join the preserved set (the null space, with growing on)."""
+        return self.config.constraint == "nullspace" and self.config.grow_preserved
+
     def preserve(self, requests) -> None:
         """Make the preserved edit keys those of `requests` (the applied weight edits, with fact ids):
         a rolled-back fact's keys leave the set, and edits made before a restart join it."""
-        if self.config.constraint != "nullspace" or not self.config.grow_preserved:
+        if not self.grows_preserved:
             return
         preserved = self._preserved_set()
         ids = [r.fact_id for r in requests]
@@ -39,7 +44,7 @@ class UpdateConstraints:
 
     def restore_preserved(self, keys: dict) -> None:
         """Put back keys `preserved_keys` gave: the set then matches the run that saved them exactly."""
-        if self.config.constraint != "nullspace" or not self.config.grow_preserved:
+        if not self.grows_preserved:
             return
         preserved = self._preserved_set()
         preserved.keep_only(())

@@ -203,7 +203,7 @@ class TunedEditor(UpdateConstraints):
         delta = finalize_delta(self.model, before)
         self._undo = (delta, before)
         self.n_edits += 1
-        if self.config.constraint == "nullspace" and self.config.grow_preserved:
+        if self.grows_preserved:
             self._last_keys_id = request.fact_id if request.fact_id is not None else ("edit", self.n_edits)
             self._preserved.add(self._last_keys_id, self._keys_of(request))
         return EditResult(steps=_steps(history), loss=_last(history, "loss"), seconds=time.perf_counter() - start,
