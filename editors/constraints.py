@@ -3,6 +3,8 @@
 
 - constraint="nullspace": each update D becomes D U U^T, U the directions that general text's keys barely
   use, minus those of the applied edits' keys (editors/nullspace.py); outputs on those keys stay put.
+- constraint="covariance": the applied edits' keys are kept exactly, and a subject-keyed update writes
+  through C^-1 k, C general text's key moments (ROME's direction: editors/covariance.py).
 - update_keys="subject": the update acts only through the key at the subject's last prompt token (its
   free part under "nullspace"): ROME's locus, so prompts about other subjects keep their outputs.
 - preserve_lam > 0: the KL to the pre-edit model on prompts written from the fact (editors/preservation.py).
@@ -24,7 +26,7 @@ class UpdateConstraints:
     @property
     def grows_preserved(self) -> bool:
         """Whether applied edits' keys join the preserved set (the null space, with growing on)."""
-        return self.config.constraint == "nullspace" and self.config.grow_preserved
+        return self.config.constraint != "box" and self.config.grow_preserved
 
     def preserve(self, requests) -> None:
         """Make the preserved edit keys those of `requests` (the applied weight edits, with fact ids):
@@ -52,14 +54,23 @@ class UpdateConstraints:
             preserved.add(fact_id, {n: k.to(self.device) for n, k in by_name.items()})
 
     def _preserved_set(self):
+        """The kept keys: editors.nullspace.Preserved or editors.covariance.KeptKeys (one protocol)."""
         if self._preserved is None:
             from editors.nullspace import Preserved, StatsConfig, load_or_collect, null_basis
 
             moments = load_or_collect(self.model, self.tokenizer, self._param_names,
                                       StatsConfig(n_texts=self.config.stats_texts))
-            self._preserved = Preserved({n: null_basis(m, self.config.nullspace_energy).to(self.device)
-                                         for n, m in moments.items()})
-            log.info("null-space constraint: free directions per matrix %s", self._preserved.free_dims())
+            if self.config.constraint == "covariance":
+                from editors.covariance import KeptKeys, whitener
+
+                self._preserved = KeptKeys({n: int(m.shape[0]) for n, m in moments.items()},
+                                           {n: whitener(m, self.config.covariance_ridge).to(self.device)
+                                            for n, m in moments.items()})
+            else:
+                self._preserved = Preserved({n: null_basis(m, self.config.nullspace_energy).to(self.device)
+                                             for n, m in moments.items()})
+            log.info("%s constraint: free directions per matrix %s", self.config.constraint,
+                     self._preserved.free_dims())
         return self._preserved
 
     def _keys_of(self, request: EditRequest) -> dict[str, torch.Tensor]:
@@ -78,9 +89,9 @@ class UpdateConstraints:
         keys = edit_keys(self.model, ids, positions, self._param_names)
         return {n: k.to(self.device) for n, k in keys.items()}
 
-    def _subject_directions(self, request: EditRequest, bases: dict | None) -> dict[str, torch.Tensor] | None:
-        """Per matrix, the unit direction of the key at the subject's last token (within the free directions
-        when `bases` are given); None when the prompt does not name the subject."""
+    def _subject_directions(self, request: EditRequest, space) -> dict[str, torch.Tensor] | None:
+        """Per matrix, the unit input direction of an update keyed on the subject's last token (what the kept
+        keys `space` leave of it, when given); None when the prompt does not name the subject."""
         from editors.nullspace import edit_keys
 
         position = subject_position(self.tokenizer, request.prompt, request.subject)
@@ -91,8 +102,8 @@ class UpdateConstraints:
         directions = {}
         for name, key in keys.items():
             key = key.to(self.device)[0]  # [in]
-            if bases is not None:
-                key = bases[name] @ (bases[name].T @ key)
+            if space is not None:
+                key = space.direction(name, key)
             if float(key.norm()) < 1e-8:
                 return None
             directions[name] = (key / key.norm())[:, None]  # [in, 1]
@@ -105,14 +116,18 @@ class UpdateConstraints:
         return prepare(self.model, self.tokenizer, prompts, self.device)
 
     @staticmethod
-    def _project(params: dict, before: dict[str, torch.Tensor], bases: dict[str, torch.Tensor]) -> None:
-        """The edit so far, D = W - W_before, becomes D U U^T: it no longer moves outputs on preserved keys."""
+    def _project(params: dict, before: dict[str, torch.Tensor], directions: dict[str, torch.Tensor] | None,
+                 space) -> None:
+        """The edit so far, D = W - W_before, becomes D u u^T (a subject-keyed update: u its unit direction),
+        or what `space` lets through of D: it no longer moves outputs on kept keys."""
         from editors.nullspace import project
 
         with torch.no_grad():
             for name, old in before.items():
                 weight = params[name]
-                weight.copy_(old + project(weight - old, bases[name]))
+                delta = weight - old
+                weight.copy_(old + (project(delta, directions[name]) if directions is not None
+                                    else space.project_update(name, delta)))
 
 
 def subject_position(tokenizer, prompt: str, subject: str | None) -> int | None:

@@ -211,6 +211,14 @@ class Preserved:
             self.edit_keys = {f: k for f, k in self.edit_keys.items() if f in wanted}
             self._cached = None
 
+    def project_update(self, name: str, delta: torch.Tensor) -> torch.Tensor:
+        return project(delta, self.projector()[name])
+
+    def direction(self, name: str, key: torch.Tensor) -> torch.Tensor:
+        """The update's input direction for subject key `key` [in]: its part in the free directions."""
+        basis = self.projector()[name]
+        return basis @ (basis.T @ key)
+
     def _take_out(self, keys: dict[str, torch.Tensor]) -> None:
         for name, basis in self._cached.items():
             if name in keys:

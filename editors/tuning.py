@@ -22,7 +22,7 @@ from memory.errors import ConfigError, EditError
 log = logging.getLogger(__name__)
 
 BOX_MODES = ("absolute", "relative")
-CONSTRAINTS = ("box", "nullspace")
+CONSTRAINTS = ("box", "nullspace", "covariance")
 UPDATE_KEYS = ("all", "subject")
 
 
@@ -49,9 +49,11 @@ class TuneConfig:
     stop_nll: float = 0.1  # mean NLL per target token (nats) below which the target counts as learned
     seed: int = 0
     # "nullspace": every update is also projected off the keys of general text and of earlier edits
-    # (editors/nullspace.py), so outputs on them stay put; "box": the box alone
+    # (editors/nullspace.py), so outputs on them stay put; "box": the box alone; "covariance": general text's keys weigh the update
+    # (ROME's C^-1 k) and only the earlier edits' keys are kept exactly (editors/covariance.py)
     constraint: str = "nullspace"
     nullspace_energy: float = 0.03  # the free directions hold at most this share of general text's key energy
+    covariance_ridge: float = 0.1  # "covariance": C + ridge * mean eigenvalue before it is inverted
     grow_preserved: bool = True  # each applied edit's keys join the preserved set
     # "subject": an update may act only through the key at the subject's last prompt token (ROME's locus; the
     # null-space part of it under "nullspace"), so prompts about other subjects keep their outputs
@@ -89,6 +91,8 @@ class TuneConfig:
             raise ConfigError(f"constraint must be one of {CONSTRAINTS}, got {self.constraint!r}")
         if not _is_num(self.nullspace_energy) or not 0 < self.nullspace_energy < 1:
             raise ConfigError(f"nullspace_energy must be in (0, 1), got {self.nullspace_energy!r}")
+        if not _is_num(self.covariance_ridge) or self.covariance_ridge <= 0:
+            raise ConfigError(f"covariance_ridge must be a number > 0, got {self.covariance_ridge!r}")
         if not _is_num(self.preserve_lam) or self.preserve_lam < 0:
             raise ConfigError(f"preserve_lam must be a finite number >= 0, got {self.preserve_lam!r}")
         if not _is_int(self.preserve_prompts) or self.preserve_prompts < 1:
@@ -243,9 +247,8 @@ class TunedEditor(UpdateConstraints):
         fact = encode_fact(self.tokenizer, request.prompt, request.target, self.device)
         job = self._prepare(request, fact)
         generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        projectors = self._preserved_set().projector() if cfg.constraint == "nullspace" else None
-        if cfg.update_keys == "subject":
-            projectors = self._subject_directions(request, projectors) or projectors
+        space = self._preserved_set() if cfg.constraint != "box" else None
+        directions = self._subject_directions(request, space) if cfg.update_keys == "subject" else None
         keep = self._preservation(request) if cfg.preserve_lam > 0 else None
         for step in range(cfg.max_steps + 1):
             with torch.set_grad_enabled(step < cfg.max_steps):  # the last pass only measures
@@ -268,8 +271,8 @@ class TunedEditor(UpdateConstraints):
                 torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
             optimizer.step()
             self._clamp(params, before, radii)
-            if projectors is not None:
-                self._project(params, before, projectors)
+            if directions is not None or space is not None:
+                self._project(params, before, directions, space)
 
     def _clamp(self, params: dict, before: dict[str, torch.Tensor], radii: dict[str, float] | None) -> None:
         """Project into the L-inf box around the pre-edit weights, and refuse non-finite weights."""

@@ -9,6 +9,9 @@ Edits N facts one after another on the live model with one config, then reports:
                 no edit touched (other subjects, mostly other relations; the file's own probes are
                 neighbours: CounterFact's ask the edit's relation of other subjects, wiki_counterfact's
                 other relations of the same subject)
+  unrel_gt      on those unrelated prompts, the share of their ground-truth answer's tokens whose teacher-
+                forced argmax is unchanged (KnowEdit's locality: a given answer, often not the model's own, so
+                positions where the model is unsure count too)
   loc_by_pos    that token agreement at each of the 6 positions
   steps, seconds per edit
 and appends one JSON line per run to --out.
@@ -43,8 +46,9 @@ PROBE_TOKENS = 6
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--method", default="ice", choices=["ice", "ftm"])
-    p.add_argument("--data", default=str(DATA / TRAIN_FILES[0]), help="a TRAIN-split file (refuses test/val)")
+    p.add_argument("--method", default="ice", choices=["ice", "ftm", "ice-box", "ftm-box"])
+    p.add_argument("--data", default=str(DATA / TRAIN_FILES[0]),
+                   help="a train file, or a validation split of them (evaluation.splits: validation-*.json)")
     p.add_argument("--n", type=int, default=10, help="facts edited in sequence")
     p.add_argument("--offset", type=int, default=0)
     p.add_argument("--probes", type=int, default=30, help="locality probes (the facts' own, then the next records')")
@@ -70,14 +74,16 @@ def overrides(pairs: list[str]) -> dict:
 
 def load_records(path: str) -> list[dict]:
     """prompt / target / locality prompt, from counterfact-edit or KnowEdit wiki_counterfact train files."""
-    if re.search(r"(test|val)", Path(path).name):
+    name = Path(path).name
+    if re.search(r"(test|val)", name) and not name.startswith("validation-"):  # splits of the train files
         raise SystemExit(f"{path}: sweeps tune on train splits only")
     records = []
     for r in json.loads(Path(path).read_text()):
         loc = r.get("locality_prompt")
         if loc is None and isinstance(r.get("locality"), dict):
             loc = next((item["prompt"] for items in r["locality"].values() for item in items), None)
-        records.append({"prompt": r["prompt"], "target": r["target_new"], "locality": loc, "subject": r.get("subject")})
+        records.append({"prompt": r["prompt"], "target": r["target_new"], "locality": loc, "subject": r.get("subject"),
+                        "truth": r.get("ground_truth") if isinstance(r.get("ground_truth"), str) else None})
     return records
 
 
@@ -124,6 +130,17 @@ def locality(model, tokenizer, prompts: list[str], base: list[list[int]]) -> tup
     return exact / len(prompts), agree / total, [round(x, 3) for x in (by_pos / seen.clamp(min=1)).tolist()]
 
 
+@torch.no_grad()
+def given_argmax(model, tokenizer, pairs: list[tuple[str, list[int]]]) -> list[torch.Tensor]:
+    """Per (prompt, answer ids): the argmax at each answer position, the answer teacher-forced."""
+    out = []
+    for prompt, answer in pairs:
+        p = tokenizer(prompt)["input_ids"]
+        logits = model(torch.tensor([p + answer[:-1]]), logits_to_keep=len(answer)).logits[0]
+        out.append(logits.argmax(-1))
+    return out
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, "cpu")
@@ -134,7 +151,10 @@ def run(args) -> dict:
     base = greedy_ids(model, tokenizer, probes)
     probes, base = [p for p, b in zip(probes, base) if b], [b for b in base if b]  # drop instant-EOS probes
     edited = {f["subject"] for f in facts}
-    unrelated = [r["prompt"] for r in records[args.offset + args.n:] if r["subject"] not in edited][:args.probes]
+    later = [r for r in records[args.offset + args.n:] if r["subject"] not in edited][:args.probes]
+    unrelated = [r["prompt"] for r in later]
+    truths = [(r["prompt"], tokenizer(" " + r["truth"].strip())["input_ids"]) for r in later if r["truth"]]
+    truth_base = given_argmax(model, tokenizer, truths)
     unrelated_base = greedy_ids(model, tokenizer, unrelated)
     unrelated = [p for p, b in zip(unrelated, unrelated_base) if b]
     unrelated_base = [b for b in unrelated_base if b]
@@ -154,13 +174,15 @@ def run(args) -> dict:
     final = answers(model, tokenizer, [f["prompt"] for f in facts])
     loc_exact, loc_token, loc_by_pos = locality(model, tokenizer, probes, base)
     unrel_exact, unrel_token, _ = locality(model, tokenizer, unrelated, unrelated_base)
+    after = given_argmax(model, tokenizer, truths)
+    unrel_gt = (sum(int((a == b).sum()) for a, b in zip(after, truth_base)) / max(1, sum(len(b) for b in truth_base)))
     restore(model, saved)
     return {"tag": args.tag, "method": args.method, "config": editor.config.to_dict(), "contexts": args.contexts,
             "data": Path(args.data).name, "n": len(facts), "offset": args.offset, "probes": len(probes),
             "success_now": sum(now) / len(facts),
             "success_all": sum(succeeded(a, f["target"]) for a, f in zip(final, facts)) / len(facts),
             "loc_exact": loc_exact, "loc_token": loc_token, "loc_by_pos": loc_by_pos,
-            "unrel_exact": unrel_exact, "unrel_token": unrel_token, "steps_mean": statistics.mean(steps),
+            "unrel_exact": unrel_exact, "unrel_token": unrel_token, "unrel_gt": unrel_gt, "steps_mean": statistics.mean(steps),
             "seconds_median": statistics.median(seconds), "threads": args.threads}
 
 
@@ -174,7 +196,7 @@ def main(argv=None) -> None:
         fh.write(json.dumps(row) + "\n")
     print(f"{row['tag'] or '-':24s} {row['method']:4s} now {row['success_now']:.2f} all {row['success_all']:.2f} "
           f"loc {row['loc_exact']:.2f} tok {row['loc_token']:.3f} unrel {row['unrel_exact']:.2f} "
-          f"tok {row['unrel_token']:.3f} steps {row['steps_mean']:.1f} "
+          f"tok {row['unrel_token']:.3f} gt {row['unrel_gt']:.3f} steps {row['steps_mean']:.1f} "
           f"s/edit {row['seconds_median']:.1f}")
 
 
