@@ -146,7 +146,7 @@ def test_a_written_answer_is_read_no_more_and_its_word_cannot_run_on(copying):
         read = []  # per step: does the sequence still read the fact's row (row 0)?
         for token in answer:
             steps.append(model(torch.tensor([[token]]), use_cache=True, **{cache_kwarg(model): cache}).logits[0, -1])
-            visible = copying.addon.runtime.visible
+            visible = copying.addon.runtime.visible_dense()
             read.append(visible is None or bool(visible[0, 0]))
     assert read[:-1] == [True] * (len(answer) - 1) and read[-1] is False  # read until its answer is written
     lowest = torch.finfo(steps[-1].dtype).min

@@ -104,7 +104,8 @@ def test_a_row_hidden_once_its_answer_is_written_still_counts_as_read():
                 model(torch.tensor([[token]]), use_cache=True, **{cache_kwarg(model): cache})
             with mem.reading(read=last_step):  # the step that feeds the answer's last token
                 model(torch.tensor([[last]]), use_cache=True, **{cache_kwarg(model): cache})
-                hidden = not bool(mem.addon.runtime.visible[0, 0])
+                visible = mem.addon.runtime.visible_dense()
+                hidden = visible is not None and not bool(visible[0, 0])
     finally:
         mem.close()
     assert hidden and last_step == set()  # that step no longer reads the row ...

@@ -120,7 +120,7 @@ def pool_visible(mem: GistMemory, query: str) -> list[bool]:
     ids = mem.tokenizer(query, return_tensors="pt")["input_ids"]
     with mem.reading(), torch.no_grad():
         mem.model(ids)
-        visible = mem.addon.runtime.visible
+        visible = mem.addon.runtime.visible_dense()
     return [True] * len(FACTS) if visible is None else visible[0].tolist()
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from editors.causal import prompt_parts
+from editors.incomes.anchor_index import AnchorIndex
 from editors.incomes.answer_copy import ANSWER_END, DEFAULT_MARGIN, answer_ends, apply_copy, copy_targets
 from editors.incomes.introspect import (GistHookError, attention_of, check_attention_signature,
                                         find_layer_stack, rope_function, split_call)
@@ -45,6 +46,26 @@ class BoundPool:
     anchors: list[list[str]] = field(default_factory=list)  # per row, anchors as id strings; [] = no gate
     relations: tuple = ()  # per row, the text of what it answers or None; () = no relation gate
     answers: list[list[str]] = field(default_factory=list)  # per row, answer forms as id strings; [] = no copy
+    # the mention gate's lookup: an AnchorIndex over the rows' anchors, keyed by row, or by fact id with
+    # `row_of` (fact id -> row: a pool's shared index, which may hold other views' facts too)
+    index: AnchorIndex | None = None
+    row_of: dict | None = None
+    unanchored: list[int] | None = None  # the rows without anchors: every sequence reads them
+
+    def __post_init__(self):
+        if self.anchors and self.index is None:
+            self.index = AnchorIndex()
+            for row, forms in enumerate(self.anchors):
+                self.index.add(row, [[ord(c) for c in a] for a in forms])
+        if self.anchors and self.unanchored is None:
+            self.unanchored = [row for row, forms in enumerate(self.anchors) if not forms]
+
+    def mentioned(self, tokens: list[int], start: int = 0) -> set[int]:
+        """The rows whose anchors occur in `tokens` from `start` on."""
+        found = self.index.mentioned(tokens, start)
+        if self.row_of is None:
+            return found
+        return {self.row_of[f] for f in found if f in self.row_of}
 
 
 def id_string(ids) -> str:
@@ -63,9 +84,14 @@ class GistRuntime:
     capture_at: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, cols) while compressing
     captured: dict = field(default_factory=dict)  # layer -> (K [N, KVH, D], V [N, KVH, D])
     continuing: bool = False  # this forward extends cached sequences (a decoding step)
-    history: list[str] | None = None  # per sequence: its tokens so far (id string), for the mention gate
-    visible: torch.Tensor | None = None  # [B, N] bool: which pool rows each sequence may read (None: all)
-    readable: list[int] | None = None  # per sequence: how many rows `visible` lets it read (host ints)
+    history: list[list[int]] | None = None  # per sequence: its prompt tokens so far, for the mention gate
+    mentions: list[set[int]] | None = None  # per sequence: the rows its tokens so far mention
+    # the gathered read: the branch attends over the pool rows `rows` alone (None: all N rows), and `visible`
+    # [B, len(rows)] says which of them each sequence may read (None: every one)
+    rows: torch.Tensor | None = None
+    visible: torch.Tensor | None = None
+    visible_sets: list[set[int]] | None = None  # per sequence: the pool rows it may read (None: all)
+    readable: list[int] | None = None  # per sequence: how many rows it may read (host ints)
     # the relation gate (editors/incomes/relation_gate): (sequence ids, mentioned rows, pool) -> rows it
     # may read; asked once per sequence, when it starts, so a decoding step keeps its sequence's answer
     relation_check: Callable[[list[int], list[int], BoundPool], set[int]] | None = None
@@ -92,20 +118,30 @@ class GistRuntime:
         if missing:
             raise GistHookError(f"pool view lacks gists for upper layers {missing}")
         kv = {i: (view.keys[layers.index(i)], view.values[layers.index(i)]) for i in layer_ids}
-        anchors = [[id_string(a) for a in row] for row in getattr(view, "anchors", ())]
-        answers = [[id_string(a) for a in row] for row in getattr(view, "answers", ())]
-        self.pool = BoundPool(kv, int(view.keys.shape[1]), anchors, tuple(getattr(view, "relations", ())), answers)
+        bound = getattr(view, "bound_parts", None)
+        parts = bound() if bound is not None else _bound_parts(view)  # a PoolView caches them per version
+        self.pool = BoundPool(kv, int(view.keys.shape[1]), **parts)
         self.relation_allowed = None  # row indices of another view
 
     def new_forward(self) -> None:
         self.read, self.gist_mask, self.visible, self.readable, self.copy_at = None, None, None, None, None
+        self.rows, self.visible_sets = None, None
         self.stash.clear()
 
     def clear(self) -> None:
         self.new_forward()
         self.pool, self.capture_at, self.history, self.relation_allowed = None, None, None, None
-        self.copy_history = None
+        self.copy_history, self.mentions = None, None
         self.captured.clear()
+
+    def visible_dense(self) -> torch.Tensor | None:
+        """This forward's gate as [B, N] bool over the whole bound pool (None: every row readable)."""
+        if self.visible_sets is None:
+            return None
+        dense = torch.zeros(len(self.visible_sets), self.pool.n, dtype=torch.bool)
+        for b, rows in enumerate(self.visible_sets):
+            dense[b, list(rows)] = True
+        return dense
 
     def gate_by_mention(self, ids: torch.Tensor) -> None:
         """Set `visible` [B, N]: a row with anchors is readable by a sequence whose tokens (this forward's,
@@ -113,34 +149,54 @@ class GistRuntime:
         whose sentence naming the subject asks what the row's relation text asks."""
         tokens = ids.tolist()
         id_lists = prompt_parts(tokens)  # teacher forcing: the target's tokens decide nothing
-        rows = [id_string(r) for r in id_lists]
-        continuing = self.continuing and self.history is not None and len(self.history) == len(rows)
-        if continuing:
-            rows = [before + now for before, now in zip(self.history, rows)]
-        self.history = rows
-        mask = [[not anchors or any(a in row for a in anchors) for anchors in self.pool.anchors] for row in rows]
-        if self.relation_check is not None and self.pool.relations:
+        pool = self.pool
+        continuing = (self.continuing and self.history is not None and self.mentions is not None
+                      and len(self.history) == len(id_lists))
+        if not continuing:
+            self.history, self.mentions = [[] for _ in id_lists], [set() for _ in id_lists]
+        for seq, mentions, now in zip(self.history, self.mentions, id_lists):
+            start = max(0, len(seq) - pool.index.longest + 1)  # an anchor may end in this forward's tokens
+            seq.extend(now)
+            mentions |= pool.mentioned(seq, start)
+        mask = [set(m) for m in self.mentions]
+        if self.relation_check is not None and pool.relations:
             if not continuing or self.relation_allowed is None:
                 self.relation_allowed = [self._relation_allowed(seq, m) for seq, m in zip(id_lists, mask)]
             for m, allowed in zip(mask, self.relation_allowed):
-                for i, rel in enumerate(self.pool.relations):
-                    m[i] = m[i] and (rel is None or not self.pool.anchors[i] or i in allowed)
-        if self.answer_copy and self.pool.answers and self.capture_at is None:
+                m.difference_update([i for i in m if pool.relations[i] is not None and i not in allowed])
+        for m in mask:
+            m.update(pool.unanchored)
+        if self.answer_copy and pool.answers and self.capture_at is None:
             self.find_copies(tokens, mask, continuing, [len(r) for r in id_lists])  # may hide answered rows
-        # [B, N]; None when every sequence may read every row (no anchors): the branch then masks nothing
-        self.visible = None if all(map(all, mask)) else torch.tensor(mask, dtype=torch.bool, device=ids.device)
-        self.readable = [sum(row) for row in mask]  # counted here once, not on the device in every layer
-        self.note_reads(mask)
+        self.set_visible(mask, ids.device)
 
-    def note_reads(self, mask: list[list[bool]] | None) -> None:
-        """While recording, add the rows some sequence of this forward may read (`mask` [B][N], the final one;
-        None: every row). A compression pass reads no pool, so it records nothing."""
+    def set_visible(self, mask: list[set[int]], device: torch.device) -> None:
+        """Gather the rows some sequence may read (`mask`: per sequence, its readable rows), so the branch
+        attends over them alone; nothing is gathered or masked when every sequence reads every row."""
+        self.readable = [len(m) for m in mask]  # counted here once, not on the device in every layer
+        self.note_reads(mask)
+        if all(r == self.pool.n for r in self.readable):
+            return
+        self.visible_sets = mask
+        rows = sorted(set().union(*mask))
+        self.rows = torch.tensor(rows, dtype=torch.long, device=device)
+        if any(r != len(rows) for r in self.readable):
+            column = {row: j for j, row in enumerate(rows)}
+            visible = torch.zeros(len(mask), len(rows), dtype=torch.bool)
+            for b, m in enumerate(mask):
+                visible[b, [column[r] for r in m]] = True
+            self.visible = visible.to(device)  # [B, len(rows)]
+
+    def note_reads(self, mask: list[set[int]] | None) -> None:
+        """While recording, add the rows some sequence of this forward may read (`mask`: per sequence, the
+        final readable rows; None: every row). A compression pass reads no pool, so it records nothing."""
         if self.reads is None or self.capture_at is not None or self.pool is None:
             return
         if mask is None:
             self.reads.update(range(self.pool.n))
-        else:  # columns: a row counts once any sequence may read it
-            self.reads.update(i for i, column in enumerate(zip(*mask)) if any(column))
+        else:
+            for m in mask:
+                self.reads.update(m)
 
     def find_copies(self, tokens: list[list[int]], mask: list[list[bool]], continuing: bool, prompts: list[int]) -> None:
         """Set `copy_at` for this forward: where a sequence (all its tokens, a teacher-forced target's too:
@@ -154,8 +210,7 @@ class GistRuntime:
         if fresh:
             self.copy_prompt_ends = prompts  # an answer written inside the prompt is not one the copy finished
         self.copy_history = [b + n for b, n in zip(before, now)]
-        readable = [[i for i, ok in enumerate(m) if ok and self.pool.anchors[i] and self.pool.answers[i]]
-                    for m in mask]
+        readable = [sorted(i for i in m if self.pool.anchors[i] and self.pool.answers[i]) for m in mask]
         self.copy_length = len(tokens[0])
         starts = [len(b) for b in before]
         ends = answer_ends(self.copy_history, self.pool.answers, readable, self.copy_prompt_ends)
@@ -165,11 +220,18 @@ class GistRuntime:
         for b, done in enumerate(ends):
             for row, end in done.items():
                 if end is not None and end <= starts[b]:
-                    mask[b][row] = False
+                    mask[b].discard(row)
 
-    def _relation_allowed(self, seq: list[int], mentioned: list[bool]) -> set[int]:
-        rows = [i for i, ok in enumerate(mentioned) if ok and self.pool.anchors[i] and self.pool.relations[i]]
+    def _relation_allowed(self, seq: list[int], mentioned: set[int]) -> set[int]:
+        rows = sorted(i for i in mentioned if self.pool.relations[i])
         return self.relation_check(seq, rows, self.pool) if rows else set()
+
+
+def _bound_parts(view) -> dict:
+    """What BoundPool needs of a view besides its tensors (anchors and answers as id strings)."""
+    return {"anchors": [[id_string(a) for a in row] for row in getattr(view, "anchors", ())],
+            "relations": tuple(getattr(view, "relations", ())),
+            "answers": [[id_string(a) for a in row] for row in getattr(view, "answers", ())]}
 
 
 def install(addon, model: nn.Module) -> list:
@@ -287,6 +349,8 @@ def _o_proj_pre(addon, idx: int, attn: nn.Module):
         if y.shape[-1] != width or y.shape[:-1] != hidden.shape[:-1]:
             raise GistHookError(f"layer {idx}: o_proj input {tuple(y.shape)} is not [B, T, {width}]")
         keys, values = bound.kv[idx]
+        if rt.rows is not None:  # the gathered read: only rows some sequence may read
+            keys, values = keys.index_select(0, rt.rows), values.index_select(0, rt.rows)
         readable = bound.n if rt.readable is None else rt.readable  # the pool's size, or rows per sequence
         out = branch(attn, hidden, cos_sin, y, keys, values, rt.read, addon.temperature(readable), rt.visible)
         return (out, *args[1:])

@@ -47,6 +47,6 @@ def visible_facts(tokenizer, queries: Sequence[str], anchors: Sequence[Anchors])
         ids = list(tokenizer(query)["input_ids"])
         with prompts_end_at([len(ids)]):  # all of it is prompt, whatever scoring context calls us
             runtime.gate_by_mention(torch.tensor([ids], dtype=torch.long))
-        visible = runtime.visible
+        visible = runtime.visible_dense()  # [1, N] over every fact (None: all visible)
         out.append([True] * len(anchors) if visible is None else visible[0].tolist())
     return out

@@ -21,11 +21,12 @@ import json
 import logging
 from collections.abc import Hashable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from editors.incomes.anchor_index import AnchorIndex
 from memory.atomic import atomic_write
 from memory.errors import ConfigError, NotFoundError, ValidationError
 
@@ -50,9 +51,24 @@ class PoolView:
     anchors: tuple = ()  # per row: a tuple of token-id tuples, or () (always visible); empty: none anywhere
     relations: tuple = ()  # per row: the text of what it answers, or None; empty: none anywhere
     answers: tuple = ()  # per row: a tuple of token-id tuples (its answer as tokenized), or (); empty: none anywhere
+    index: AnchorIndex | None = None  # the pool's anchors by fact id (shared by its views; it may hold more facts)
+    _parts: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.fact_ids)
+
+    def bound_parts(self) -> dict:
+        """What the hooks' BoundPool takes of this view besides its tensors, worked out once per view."""
+        if not self._parts:
+            from editors.incomes.hooks import id_string
+
+            anchors = [[id_string(a) for a in row] for row in self.anchors]
+            self._parts.update(anchors=anchors, relations=tuple(self.relations),
+                               answers=[[id_string(a) for a in row] for row in self.answers])
+            if self.anchors and self.index is not None:
+                self._parts.update(index=self.index, row_of={f: i for i, f in enumerate(self.fact_ids)},
+                                   unanchored=[i for i, forms in enumerate(self.anchors) if not forms])
+        return self._parts
 
 
 class GistPool:
@@ -68,6 +84,8 @@ class GistPool:
         self._anchors: list[list[list[int]]] = []
         self._relations: list[str | None] = []
         self._answers: list[list[list[int]]] = []
+        self._row_of: dict = {}  # fact id -> row
+        self._index = AnchorIndex()  # the rows' anchors by fact id, for the mention gate
         self._version = 0
         self._views: dict = {}
 
@@ -82,7 +100,7 @@ class GistPool:
         return len(self._ids)
 
     def __contains__(self, fact_id) -> bool:
-        return fact_id in self._ids
+        return fact_id in self._row_of
 
     @property
     def fact_ids(self) -> tuple:
@@ -126,6 +144,9 @@ class GistPool:
         with torch.no_grad():
             self._keys[:, start:start + n] = gists.keys.detach().to(self.device, self.dtype)  # [L, n, KVH, D]
             self._values[:, start:start + n] = gists.values.detach().to(self.device, self.dtype)
+        self._row_of.update((f, start + i) for i, f in enumerate(fact_ids))
+        for fact_id, forms in zip(fact_ids, anchors):
+            self._index.add(fact_id, forms)
         self._ids.extend(fact_ids)
         self._scopes.extend(scopes)
         self._anchors.extend(anchors)
@@ -141,6 +162,8 @@ class GistPool:
         self._keys = self._keys.index_select(1, index)  # [L, capacity-1, KVH, D]
         self._values = self._values.index_select(1, index)
         del self._ids[row], self._scopes[row], self._anchors[row], self._relations[row], self._answers[row]
+        self._index.remove(fact_id)
+        self._row_of = {f: i for i, f in enumerate(self._ids)}  # the rows after it moved up
         self._touch()
 
     # -- views ------------------------------------------------------------------------------------
@@ -206,8 +229,8 @@ class GistPool:
     # -- internals --------------------------------------------------------------------------------
     def _row(self, fact_id) -> int:
         try:
-            return self._ids.index(fact_id)
-        except ValueError:
+            return self._row_of[fact_id]
+        except (KeyError, TypeError):
             raise NotFoundError(f"fact {fact_id!r} is not in the gist pool") from None
 
     def _check_append(self, fact_ids: list, gists, scopes: list) -> None:
@@ -221,10 +244,10 @@ class GistPool:
             raise ValidationError(f"{len(scopes)} scopes for {n} facts")
         if any(s is not None and (not isinstance(s, str) or not s) for s in scopes):
             raise ValidationError("a scope is None (global) or a non-empty user_id string")
-        if len(set(fact_ids)) != n or any(f in self._ids for f in fact_ids):
-            raise ValidationError("fact ids must be unique within the pool")
         if any(not isinstance(f, (int, str)) or isinstance(f, bool) for f in fact_ids):
             raise ValidationError("fact ids must be ints or strings")
+        if len(set(fact_ids)) != n or any(f in self._row_of for f in fact_ids):
+            raise ValidationError("fact ids must be unique within the pool")
 
     def _reserve(self, needed: int) -> None:
         capacity = self._keys.shape[1]
@@ -256,7 +279,7 @@ class GistPool:
         relations = tuple(self._relations[i] for i in rows)
         answers = tuple(tuple(tuple(a) for a in self._answers[i]) for i in rows)
         view = PoolView(self.layers, keys, values, tuple(self._ids[i] for i in rows), anchors if any(anchors) else (),
-                        relations if any(relations) else (), answers if any(answers) else ())
+                        relations if any(relations) else (), answers if any(answers) else (), self._index)
         self._views[key] = view
         return view
 

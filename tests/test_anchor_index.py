@@ -1,0 +1,94 @@
+"""The mention gate's anchor index, and the gathered read: the gist branch attends over the rows a query may
+read, and answers as if the pool held only those rows."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from editors.incomes.anchor_index import AnchorIndex
+from editors.incomes.compress import CompressedGists
+from editors.incomes.pool import GistPool
+
+
+def brute_force(tokens: list[int], anchors: dict[int, list[list[int]]], start: int = 0) -> set[int]:
+    text = "".join(map(chr, tokens))
+    return {row for row, forms in anchors.items() for a in forms
+            if any(text.startswith("".join(map(chr, a)), i) for i in range(start, len(tokens)))}
+
+
+def test_the_index_finds_exactly_the_rows_a_substring_scan_finds():
+    rng = random.Random(0)
+    anchors = {row: [[rng.randrange(12) for _ in range(rng.randint(1, 4))] for _ in range(rng.randint(1, 3))]
+               for row in range(300)}
+    index = AnchorIndex()
+    for row, forms in anchors.items():
+        index.add(row, forms)
+    assert index.longest == 4 and len(index) == 300
+    for _ in range(200):
+        tokens = [rng.randrange(14) for _ in range(rng.randint(0, 20))]
+        start = rng.randint(0, 5)
+        assert index.mentioned(tokens, start) == brute_force(tokens, anchors, start)
+    for row in range(0, 300, 2):  # removal leaves the other rows' anchors, shared prefixes included
+        index.remove(row)
+        del anchors[row]
+    index.remove(12345)  # an unknown row: nothing to do
+    for _ in range(100):
+        tokens = [rng.randrange(14) for _ in range(rng.randint(0, 20))]
+        assert index.mentioned(tokens) == brute_force(tokens, anchors)
+    index.add(1, [])  # re-adding with no anchors un-indexes it
+    assert 1 not in index
+
+
+def test_a_pool_keeps_its_index_in_step_with_appends_and_removals():
+    pool = GistPool([0], 1, 2)
+    gists = lambda n: CompressedGists((0,), torch.randn(1, n, 1, 2), torch.randn(1, n, 1, 2))  # noqa: E731
+    pool.append([10, 11, 12], gists(3), anchors=[[[5, 6]], [], [[7]]])
+    pool.remove(10)
+    pool.append([13], gists(1), anchors=[[[5, 6]]])
+    parts = pool.view().bound_parts()
+    assert parts["row_of"] == {11: 0, 12: 1, 13: 2} and parts["unanchored"] == [0]
+    assert parts["index"].mentioned([1, 5, 6, 7]) == {12, 13}
+
+
+@pytest.fixture(scope="module")
+def memory():
+    from editors.incomes.memory import GistMemory
+    from editors.incomes.modules import GistAddon
+    from editors.model import tiny_tokenizer
+    from tests.test_editors import tiny
+
+    torch.manual_seed(0)
+    model = tiny()
+    mem = GistMemory(model, tiny_tokenizer(), GistAddon.for_model(model))
+    yield mem
+    mem.close()
+
+
+def test_the_gathered_read_answers_as_a_pool_of_the_readable_rows_alone(memory):
+    subjects = [f"Zq{chr(97 + i)}{chr(97 + j)}" for i in range(6) for j in range(5)]  # 30 subjects
+    statements = [f"{s} lives in town {i}." for i, s in enumerate(subjects)]
+    memory.add(list(range(30)), statements, subjects=subjects)
+    memory.add([100, 101], ["The sky is green.", "Water is dry."])  # no subject: read by every query
+    query = memory.tokenizer(f"Where does {subjects[7]} live? And {subjects[21]}?", return_tensors="pt")
+    with memory.reading(), torch.no_grad():
+        whole = memory.model(**query).logits
+        runtime = memory.addon.runtime
+        gathered = runtime.rows.tolist()
+    assert gathered == [7, 21, 30, 31]  # the mentioned rows and the two without a subject, nothing else
+    everything = memory.pool
+    alone = GistPool.for_addon(memory.addon)
+    view = everything.view_all()
+    keep = [7, 21, 30, 31]
+    alone.append([view.fact_ids[i] for i in keep],
+                 CompressedGists(view.layers, view.keys[:, keep], view.values[:, keep]),
+                 anchors=[list(view.anchors[i]) for i in keep])
+    memory.pool = alone
+    try:
+        with memory.reading(), torch.no_grad():
+            small = memory.model(**query).logits
+            assert memory.addon.runtime.rows is None  # all four readable: nothing to gather or mask
+    finally:
+        memory.pool = everything
+    assert torch.allclose(whole, small, atol=1e-5)
