@@ -3,7 +3,9 @@
 This is the thin layer between the editors (pure model maths) and the store. It
 - runs an editor on a fact and records the result: the delta as a safetensors file written atomically
   (temp file + rename, checksummed), an `edits` row, an event, and a bumped model version;
-- rebuilds the live model on restart as base weights + recorded deltas, verifying every checksum;
+- rebuilds the live model on restart as base weights + recorded deltas, verifying every checksum,
+  starting from the newest weight checkpoint (editors/checkpoints.py, every 50 edits) when one holds the
+  first applied edits, so a restart replays fewer than 50 deltas however long the history;
 - rolls back one fact's edit by restoring the base values of the touched tensors and replaying the
   remaining deltas in order, which is bit-exact because each editor leaves `before + delta` in place.
 
@@ -68,7 +70,13 @@ class AppliedEdit:
 class ModelState:
     """The edited model of one store. Create it once per process; call `rebuild()` before use."""
 
-    def __init__(self, store: FactStore, model: torch.nn.Module, lock: WriterLock | None = None):
+    def __init__(self, store: FactStore, model: torch.nn.Module, lock: WriterLock | None = None,
+                 checkpoint_every: int | None = None):
+        """`checkpoint_every`: applied edits between weight checkpoints (editors/checkpoints; 0: none)."""
+        from editors.checkpoints import EVERY
+
+        self.checkpoint_every = EVERY if checkpoint_every is None else int(checkpoint_every)
+        self._checkpointed = 0  # applied edits the newest checkpoint holds
         self.store = store
         self.model = model
         self.delta_dir = store.data_dir / "deltas"
@@ -140,7 +148,7 @@ class ModelState:
         skip = set(skip_facts)
         edits = [e for e in self.applied_edits() if e.fact_id not in skip]
         bad: list[BadDelta] = []
-        for edit in edits:
+        for edit in edits[self._from_checkpoint(edits):]:
             delta, problem = self._read_delta(edit)
             if problem is not None:
                 bad.append(problem)  # keep going: the error names every bad delta at once
@@ -155,6 +163,19 @@ class ModelState:
         if sweep:
             self._sweep()
         return len(edits) - len(bad)
+
+    def _from_checkpoint(self, edits: list[Edit]) -> int:
+        """The newest usable weight checkpoint of `edits` into the model; how many edits it holds (0: none)."""
+        from editors.checkpoints import restore_latest
+
+        self._checkpointed = restore_latest(self, edits) if self.checkpoint_every else 0
+        return self._checkpointed
+
+    def _maybe_checkpoint(self) -> None:
+        from editors.checkpoints import write_if_due
+
+        if self.checkpoint_every:
+            write_if_due(self)
 
     def reload(self) -> int:
         """A reader's catch-up: back to the base weights, then every applied delta again (a rollback may
@@ -282,13 +303,15 @@ class ModelState:
             # Not recorded, so not applied: take the delta back out of the live weights.
             self._replay()
             raise
+        self._maybe_checkpoint()
         return AppliedEdit(fact.id, edit_id, True, result.steps, float(result.loss), result.seconds, version)
 
     # -- rollback ---------------------------------------------------------------------------------
     def _replay(self) -> None:
         """Reset every touched tensor to base and apply the recorded deltas in order (bit-exact)."""
         restore(self.model, self._base)
-        for edit in self.applied_edits():
+        edits = self.applied_edits()
+        for edit in edits[self._from_checkpoint(edits):]:
             apply_delta(self.model, self._load_delta(edit))
 
     def rollback(self, fact_id: int, editors: dict[str, Editor] | None = None) -> int:
