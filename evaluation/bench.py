@@ -16,7 +16,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("ingest", "edits", "gist", "rag", "chat", "memory")  # chat: agent/chat/bench.py (it needs agent.chat)
+SECTIONS = ("ingest", "edits", "gist", "scale", "rag", "chat", "memory")  # chat: agent/chat/bench.py (it needs agent.chat)
 
 
 @dataclass
@@ -26,6 +26,7 @@ class BenchConfig:
     edits_n: int = 3
     gist_compress_n: int = 100
     gist_decode_n: int = 1000
+    scale_n: int = 100_000  # the "scale" section: facts in the pool for ms per token against the base model
     decode_tokens: int = 32
     rag_n: int = 100_000
     rag_queries: int = 200
@@ -118,3 +119,10 @@ def bench_gist(cfg: BenchConfig, loaded) -> dict:
     except ImportError as exc:
         return {"unavailable": f"the InComeS gist pool is not built yet ({exc})"}
     return gist_vs_icl(loaded, cfg)
+
+
+def bench_scale(cfg: BenchConfig, loaded) -> dict:
+    """Decoding with `scale_n` facts in the gist pool against the base model alone (one run, side by side)."""
+    from editors.incomes.bench import decode_at_scale
+
+    return decode_at_scale(loaded, cfg.scale_n, cfg.decode_tokens)

@@ -109,3 +109,23 @@ def test_repeats_default_to_three_and_quick_takes_fewer(monkeypatch, flags, repe
     monkeypatch.setattr("agent.chat.bench.bench_chat", fake)
     bench.bench_chat(parse_args(["bench", "--sections", "chat", *flags]), None)
     assert seen["cfg"].repeats == repeats and seen["cfg"].facts == 100 and seen["cfg"].max_tokens == 32
+
+
+def test_the_scale_section_reads_one_row_of_a_large_pool_and_reports_both_speeds(monkeypatch):
+    from editors.incomes import bench as gist_bench
+
+    loaded = tiny_loaded()
+    monkeypatch.setattr(gist_bench, "default_addon_dir", lambda name: None)  # an untrained add-on: speed only
+    reads = []
+    original = gist_bench.GistMemory.reading
+
+    def recording(self, user_id=None, read=None):
+        reads.append(read if read is not None else set())
+        return original(self, user_id, reads[-1])
+
+    monkeypatch.setattr(gist_bench.GistMemory, "reading", recording)
+    out = gist_bench.decode_at_scale(loaded, 300, tokens=3, repeats=1)
+    assert out["facts"] == 301
+    assert out["base_decode_ms_per_token"] > 0 and out["gist_decode_ms_per_token"] > 0
+    assert out["gist_vs_base_ratio"] == round(out["gist_decode_ms_per_token"] / out["base_decode_ms_per_token"], 3)
+    assert reads == [{0}]  # the gate let the query read the one fact it names, none of the 300 others

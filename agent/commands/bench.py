@@ -20,6 +20,8 @@ def _configure_bench(p) -> None:
     p.add_argument("--rag-n", type=int, default=100_000)
     p.add_argument("--ingest-n", type=int, default=20_000)
     p.add_argument("--gist-n", type=int, default=1000, help="gists in the pool for the decoding benchmark")
+    p.add_argument("--scale-n", type=int, default=100_000,
+                   help="facts in the pool for the scale section (ms per token against the base model)")
     p.add_argument("--chat-facts", type=int, default=100,
                    help="facts in the store (and gist pool) the chat section answers over")
     p.add_argument("--chat-repeats", type=int, default=None,
@@ -56,13 +58,14 @@ def cmd_bench(args) -> int:
 
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     cfg = bench.BenchConfig(sections=tuple(wanted), ingest_n=args.ingest_n, edits_n=args.edits, rag_n=args.rag_n,
-                            gist_decode_n=args.gist_n)
-    loaded = load(args) if {"edits", "gist", "chat"} & set(wanted) else None
+                            gist_decode_n=args.gist_n, scale_n=args.scale_n)
+    loaded = load(args) if {"edits", "gist", "scale", "chat"} & set(wanted) else None
     results: dict = {"model": args.model, "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     runners = {
         "ingest": lambda: bench_ingest(cfg.ingest_n),
         "edits": lambda: bench.bench_edits(cfg, loaded),
         "gist": lambda: bench.bench_gist(cfg, loaded),
+        "scale": lambda: bench.bench_scale(cfg, loaded),
         "rag": lambda: bench.bench_rag(cfg),
         "chat": lambda: bench_chat(args, loaded),
     }

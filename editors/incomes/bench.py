@@ -107,3 +107,43 @@ def gist_vs_icl(loaded, cfg) -> dict:
         return out
     finally:
         memory.close()
+
+
+@torch.no_grad()
+def decode_at_scale(loaded, n: int, tokens: int = 32, repeats: int = 3) -> dict:
+    """ms per generated token of the base model alone and with `n` facts in the pool, side by side (medians
+    over `repeats` alternating runs). The rows are random gists under distinct subjects: speed does not
+    depend on what a gist holds, and the query mentions one real fact, so the mention gate lets it read that
+    row alone, as a chat about one subject does."""
+    from editors.incomes.compress import CompressedGists
+
+    model, tok = loaded.model, loaded.tokenizer
+    device = next(model.parameters()).device
+    trained = default_addon_dir(loaded.name)
+    addon = GistAddon.load(trained, model) if trained else GistAddon.for_model(model)
+    memory = GistMemory(model, tok, addon)
+    try:
+        memory.add([0], ["Quorbin Vesk lives in Talloway."], subjects=["Quorbin Vesk"])
+        pool = memory.pool
+        shape = (len(pool.layers), n, pool.n_kv_heads, pool.head_dim)
+        generator = torch.Generator().manual_seed(0)
+        gists = CompressedGists(pool.layers, 0.1 * torch.randn(shape, generator=generator),
+                                0.1 * torch.randn(shape, generator=generator))
+        started = time.perf_counter()
+        pool.append(list(range(1, n + 1)), gists, anchors=[memory.anchors(f"Person {i} Zed") for i in range(n)])
+        fill_s = time.perf_counter() - started
+        question = tok("Where does Quorbin Vesk live?", return_tensors="pt")["input_ids"].to(device)
+        base, gist = [], []
+        for _ in range(repeats):
+            past, _ = _prefill(model, question)
+            base.append(_decode_ms_per_token(model, question, past, tokens))
+            with memory.reading():
+                past, _ = _prefill(model, question)
+                gist.append(_decode_ms_per_token(model, question, past, tokens))
+        out = {"facts": n + 1, "fill_seconds": round(fill_s, 1),
+               "base_decode_ms_per_token": round(statistics.median(base), 2),
+               "gist_decode_ms_per_token": round(statistics.median(gist), 2)}
+        out["gist_vs_base_ratio"] = round(out["gist_decode_ms_per_token"] / out["base_decode_ms_per_token"], 3)
+        return out
+    finally:
+        memory.close()
