@@ -17,7 +17,7 @@ from memory.errors import EngramError
 log = logging.getLogger("engram")
 
 # Commands that only read or write the store: they never load a model, so they take no --model/--device.
-MODEL_FREE = frozenset({"status", "contexts", "facts", "route", "report"})
+MODEL_FREE = frozenset({"status", "contexts", "facts", "route", "report", "compact"})
 DEFAULT_MODEL = "smollm2-135m"
 
 

@@ -1,10 +1,13 @@
 """The gist pool of one store: facts routed to the gist route, compressed, persisted, reconciled.
 
-The pool file (`<data dir>/gist/pool.safetensors`, one atomic file with its fact ids) is written before
-the `edits` rows that say those facts are in the pool are committed. On open, the pool is reconciled
-with the rows: a pool row with no applied gist edit (a crash between the two) is dropped, and an
-applied gist edit whose row is missing is compressed again (compression is deterministic). So a crash
-at any moment loses no accepted fact and leaves no row the store does not know of.
+The pool lives in `<data dir>/gist/pool/` as append-only segments (editors/incomes/segments.py): adding facts
+writes one segment with their rows and a manifest that lists it, removing one writes a tombstone into the
+manifest. The segment and manifest are written before the `edits` rows that say those facts are in the pool
+are committed. On open, the pool is reconciled with the rows: a pool row with no applied gist edit (a crash
+between the two) is dropped (tombstoned), and an applied gist edit whose row is missing is compressed again
+(compression is deterministic) and appended. So a crash at any moment loses no accepted fact and leaves no
+row the store does not know of. Open also migrates the single pool file of older versions
+(`gist/pool.safetensors`) and compacts the segments when there are many or many rows are tombstoned.
 
 Work still to do is queued as `edits` rows (backend "gist", status "pending"), which ingestion writes in
 the same transaction as the facts (`FactStore.add_facts(..., pending_backend="gist")`). `open` and `add`
@@ -23,7 +26,8 @@ from dataclasses import dataclass, field
 from sqlalchemy import exists, select, update
 
 from editors.incomes.memory import GistMemory
-from memory.atomic import remove_stale_temps
+from editors.incomes.pool import GistPool
+from editors.incomes.segments import PoolSegments
 from memory.errors import NotFoundError, StoreError
 from memory.models import Edit, Event, Fact
 from memory.store import FactStore
@@ -31,7 +35,13 @@ from memory.store import FactStore
 log = logging.getLogger(__name__)
 
 GIST = "gist"
-ARTIFACT = "gist/pool.safetensors"  # relative to the data dir, as Edit.artifact is
+ARTIFACT = "gist/pool"  # the pool's directory, relative to the data dir, as Edit.artifact is
+LEGACY = "gist/pool.safetensors"  # the one pool file of older versions, migrated on open
+
+
+def pool_segments(store: FactStore) -> PoolSegments:
+    """The segments of `store`'s gist pool (what GistState writes, StoreFollower follows, `engram compact` merges)."""
+    return PoolSegments(store.data_dir / ARTIFACT, legacy=store.data_dir / LEGACY)
 
 
 def has_gist_work(store: FactStore) -> bool:
@@ -66,9 +76,10 @@ class _Queue:
 
 
 class GistState:
-    def __init__(self, store: FactStore, memory: GistMemory):
+    def __init__(self, store: FactStore, memory: GistMemory, segments: PoolSegments | None = None):
         self.store, self.memory = store, memory
-        self.path = store.data_dir / ARTIFACT
+        self.segments = segments if segments is not None else pool_segments(store)
+        self.path = self.segments.directory
         self.work = GistWork()
 
     def _applied(self) -> dict[int, Fact]:
@@ -77,33 +88,48 @@ class GistState:
                              .where(Edit.backend == GIST, Edit.status == "applied")).scalars()
             return {f.id: f for f in rows}
 
+    def _pool(self) -> GistPool:
+        """The served pool, tagged with the add-on that compressed it (the files' tag is checked on load)."""
+        self.memory.pool.tag = self.memory.tag
+        return self.memory.pool
+
     def open(self) -> int:
         """Load the pool, reconcile it with the store and compress the pending facts; returns the number of
         facts in the pool."""
-        if remove_stale_temps(self.path):
-            log.info("removed the temp files of pool writes a kill interrupted")
-        if self.path.exists():
-            self.memory.load(self.path)
+        if self.segments.recover():
+            log.info("removed the files of pool writes a kill interrupted")
+        stored = self.segments.load(self.memory.pool.device)
+        foreign = stored is not None and not self.memory.adopt(stored, self.path)  # every row compressed again
         applied = self._applied()
         stray = [fid for fid in self.memory.pool.fact_ids if fid not in applied]
         for fid in stray:  # a pending fact among them is compressed again below (deterministic)
             log.warning("gist pool row for fact %s has no applied edit (interrupted write); dropping it", fid)
             self.memory.remove(fid)
         missing = [f for fid, f in applied.items() if fid not in self.memory.pool]
+        if missing and not foreign:
+            log.warning("recompressing %d applied gist fact(s) missing from the pool files", len(missing))
         if missing:
-            log.warning("recompressing %d applied gist fact(s) missing from the pool file", len(missing))
             self._compress(missing)
         bare = self.memory.pool.without_answers()
         unanswered = {f.id: f.target for f in applied.values() if f.target and f.id in bare}
         if unanswered:  # a pool written before the answer copy: the answers' tokens come from the store
             self.memory.set_answers(unanswered)
-        self._drain((), dirty=bool(stray or missing or unanswered))
+        if foreign or unanswered:  # rows changed in place: the whole pool as one fresh segment
+            self.segments.rewrite(self._pool())
+        else:
+            self.segments.remove(stray)
+            self.segments.append(self._pool(), [f.id for f in missing])
+        self._drain(())
+        if self.segments.crowded():
+            done = self.segments.compact(self._pool())
+            log.info("compacted the gist pool: %d segment(s) into one, %d removed row(s) dropped", done.segments,
+                     done.dropped)
         return len(self.memory)
 
     def add(self, facts: Sequence[Fact] = ()) -> float:
         """Compress `facts` and every pending gist fact into the pool and record them; returns the seconds
         compression took."""
-        return self._drain(facts, dirty=False)
+        return self._drain(facts)
 
     def _compress(self, facts: Sequence[Fact]) -> None:
         self.memory.add([f.id for f in facts], [f.statement for f in facts], [self._scope(f) for f in facts],
@@ -135,22 +161,22 @@ class GistState:
                 queue.todo.append(fact)
         return queue
 
-    def _drain(self, facts: Sequence[Fact], dirty: bool) -> float:
-        """Compress what is queued, save the pool (also when `dirty`: it changed already), then record it:
-        pending rows become applied, and rows of inactive facts are closed, in one transaction."""
+    def _drain(self, facts: Sequence[Fact]) -> float:
+        """Compress what is queued, append its rows to the pool's files, then record it: pending rows become
+        applied, and rows of inactive facts are closed, in one transaction."""
         queue = self._queue(facts)
         seconds = 0.0
         if queue.todo:
             started = time.perf_counter()
             self._compress(queue.todo)
             seconds = time.perf_counter() - started
-        if queue.todo or dirty:
-            self.memory.save(self.path)  # before the rows: a crash in between leaves stray rows, dropped on open
+            # before the rows: a crash in between leaves stray rows, dropped on open
+            self.segments.append(self._pool(), [f.id for f in queue.todo])
         if queue.todo or queue.closed:
             try:
                 self._record(queue, seconds)
             except BaseException:
-                for fact in queue.todo:  # not recorded, so not in the pool (the file's rows are strays)
+                for fact in queue.todo:  # not recorded, so not served (the files' rows are strays, dropped on open)
                     self.memory.remove(fact.id)
                 raise
         self.work.added += [f.id for f in queue.todo]
@@ -185,7 +211,7 @@ class GistState:
             if edit is None:
                 raise NotFoundError(f"fact {fact_id} is not in the gist pool")
             self.memory.remove(fact_id)
-            self.memory.save(self.path)  # inside the transaction: a failed save rolls the row back
+            self.segments.remove([fact_id])  # a tombstone, inside the transaction: a failed write rolls the row back
             edit.status = "rolled_back"
             s.add(Event(fact_id=fact_id, kind="rolled_back", detail={"backend": GIST, "reason": reason}))
 

@@ -7,7 +7,7 @@ The machinery is tests/test_kill.py's: workers forked from one zygote, a trace o
 and compression start/end, temp file written, renamed, commit before/after), and a worker frozen at a
 chosen event and killed there. The kill points named by the issue are all among them: during a delta
 write (temp-written v...), between the delta and its row (renamed v..., before its commit), during a pool
-save (temp-written pool...), plus an ingest commit, a stage commit, mid-edit and mid-compression.
+segment write (temp-written pool-...), plus an ingest commit, a stage commit, mid-edit and mid-compression.
 
 The fake weight editor touches only the last layer's MLP, which no gist key or value depends on, so the
 pool is the same whichever edits came before each compression; the two routes stay comparable run to run.
@@ -137,8 +137,8 @@ def plans(events: list[str]) -> list[dict]:
         delta,  # during a delta write
         first(lambda e: e.startswith("renamed v"), after=delta),  # between the delta and its row
         first(lambda e: e == "commit-after", after=delta),  # the delta's row committed, its stage not settled
-        pool,  # during a pool save
-        first(lambda e: e.startswith("renamed pool"), after=pool),  # the pool saved, its rows not committed
+        pool,  # during a pool segment write
+        first(lambda e: e == "renamed manifest.json", after=pool),  # the segment listed, its rows not committed
         len(events) - 1,
     }
     out = [{"freeze": j} for j in sorted(frozen)]

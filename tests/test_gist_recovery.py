@@ -103,7 +103,7 @@ def test_a_crash_between_the_pool_write_and_the_commit_leaves_the_facts_queued(s
     with pytest.raises(StoreError):
         state.open()
     assert len(state.memory) == 0  # not recorded, so not served
-    assert set(GistPool.load(state.path).fact_ids) == set(ids)  # but the file was written first
+    assert set(state.segments.load().fact_ids) == set(ids)  # but the segment was written first
     assert all([s for _, s in gist_edits(store, i)] == ["pending"] for i in ids)
     monkeypatch.undo()
     again = tiny(store)

@@ -1,10 +1,12 @@
 """The gist route of a store: facts compressed into the pool, persisted, reconciled after a crash."""
 from __future__ import annotations
 
+import shutil
+
 import torch
 
 from editors.gist_state import GistState
-from editors.incomes import GistAddon, GistConfig, GistPool
+from editors.incomes import GistAddon, GistConfig
 from editors.incomes.memory import GistMemory
 from editors.model import tiny_llama, tiny_tokenizer
 from memory.facts import FactInput
@@ -27,16 +29,16 @@ def test_add_persist_reconcile_and_remove(store):
     keys = state.memory.pool.view_all().keys.clone()
     state.memory.close()
 
-    # a restart: the pool comes back from its file, identical
+    # a restart: the pool comes back from its files, identical
     again = GistState(store, memory_for(model, tok, GistAddon.for_model(model, GistConfig())))
     again.memory.addon.load_state_dict(addon.state_dict())
     assert again.open() == 2
     assert torch.equal(again.memory.pool.view_all().keys, keys)
 
-    # a crash after the pool file was written but before the rows were committed: the stray row goes
+    # a crash after the pool's segment was written but before the rows were committed: the stray row goes
     stray = store.add_facts([FactInput(prompt="Cid works at", target="Acme")]).new_ids[0]
     again.memory.add([stray], ["Cid works at Acme"])
-    again.memory.save(again.path)
+    again.segments.append(again.memory.pool, [stray])
     again.memory.close()
     third = GistState(store, memory_for(model, tok, addon))
     assert third.open() == 2 and stray not in third.memory.pool
@@ -58,10 +60,10 @@ def one_gist_fact(store):
     return model, tok, addon, ids, state
 
 
-def test_missing_pool_file_is_rebuilt_from_the_store(store):
+def test_missing_pool_files_are_rebuilt_from_the_store(store):
     model, tok, addon, ids, state = one_gist_fact(store)
     state.memory.close()
-    state.path.unlink()
+    shutil.rmtree(state.path)
     rebuilt = GistState(store, memory_for(model, tok, addon))
     assert rebuilt.open() == 1 and ids[0] in rebuilt.memory.pool
     rebuilt.memory.close()
@@ -71,13 +73,14 @@ def test_rows_of_a_pool_written_without_answers_get_them_from_the_store(store):
     model, tok, addon, ids, state = one_gist_fact(store)
     expected = state.memory.pool.answers_of(ids[0])
     assert expected and expected[0] == tok(" Oslo", add_special_tokens=False)["input_ids"]
-    state.memory.pool.set_answers(ids[0], [])  # as a pool file from before the answer copy
-    state.memory.save(state.path)
+    state.memory.pool.set_answers(ids[0], [])  # as a pool written before the answer copy
+    state.segments.rewrite(state.memory.pool)
     state.memory.close()
     again = GistState(store, memory_for(model, tok, addon))
     assert again.open() == 1 and again.memory.pool.answers_of(ids[0]) == expected
     again.memory.close()
-    assert GistPool.load(again.path).answers_of(ids[0]) == expected  # and the file was rewritten with them
+    assert again.segments.load().answers_of(ids[0]) == expected  # and the files were rewritten with them
+    assert len(again.segments.manifest()["segments"]) == 1  # as one fresh segment
 
 
 def test_a_pool_compressed_by_another_addon_is_compressed_again(store, caplog):
@@ -96,6 +99,6 @@ def test_a_pool_compressed_by_another_addon_is_compressed_again(store, caplog):
     assert expected.shape[2] == new.pool_heads  # the rows are the new add-on's, not the file's
     fresh.memory.close()
     again = GistState(store, memory_for(model, tok, new))
-    assert again.open() == 2  # the file now holds the new add-on's gists, read as they are
+    assert again.open() == 2  # the files now hold the new add-on's gists, read as they are
     assert torch.equal(again.memory.pool.view_all().keys, expected)
     again.memory.close()

@@ -471,9 +471,7 @@ def _gist_template(store: FactStore) -> None:
 
 def reopen_gist(url: str):
     """The next process opens the pool; every accepted gist fact is in it exactly once, with one applied
-    row; nothing is pending; the file on disk holds the same facts."""
-    from editors.incomes import GistPool
-
+    row; nothing is pending; the files on disk hold the same facts."""
     store = FactStore(url)
     state = new_gist_state(store)
     state.open()
@@ -488,7 +486,7 @@ def reopen_gist(url: str):
     assert set(pool) == set(applied), (pool, rows)
     queued = {fid for fid, _ in rows}
     assert {fid for fid in queued if status[fid] == "active"} <= set(applied), rows  # no accepted fact lost
-    assert sorted(GistPool.load(state.path).fact_ids) == sorted(pool)
+    assert sorted(state.segments.load().fact_ids) == sorted(pool)
     return store, state
 
 
@@ -501,7 +499,7 @@ def pool_rows(store: FactStore, state) -> dict[str, tuple[torch.Tensor, torch.Te
 
 
 def test_sigkill_during_gist_open_and_add_keeps_every_queued_fact_once(workers, tmp_path):
-    from editors.incomes import GistPool
+    from editors.incomes.segments import PoolSegments
 
     root = template(tmp_path, "template", _gist_template)
     ref_cfg = copy_of(root, "ref")
@@ -514,7 +512,7 @@ def test_sigkill_during_gist_open_and_add_keeps_every_queued_fact_once(workers, 
     store.engine.dispose()
 
     for _, plan, cfg, _ in killed_runs(workers, "gist", root, ref, "compress-start"):
-        GistPool.load(Path(cfg["dir"]) / "store.engram" / "gist" / "pool.safetensors")  # loads right after the kill
+        PoolSegments(Path(cfg["dir"]) / "store.engram" / "gist" / "pool").load()  # loads right after the kill
         store, state = reopen_gist(cfg["url"])
         ingest_gist_batches(store, state)  # the user runs the interrupted ingests again
         got = pool_rows(store, state)

@@ -4,9 +4,11 @@ The agent (or `engram edit`) is the store's one writer; the engine is a reader. 
 the engine's lock held, `StoreFollower.refresh` compares the store's model version with the one the
 weights were built at and, when they differ, rebuilds them from the base tensors plus every applied delta
 (a rollback can remove a delta from the middle, so replaying only the new ones is not enough). The gist
-pool is reloaded when its file changed; the writer replaces that file atomically, so a reader always
-loads a whole pool. Checks are throttled to one every `every_s` seconds, so a busy server asks the store
-a few times a second at most.
+pool follows its manifest (editors/incomes/segments.py): when the manifest changed, the engine's pool reads
+only the new segments and applies the new tombstones (a whole reload after a compaction or a rewrite). The
+writer renames each manifest into place after the segments it lists, so a reader always sees a whole pool.
+Checks are throttled to one every `every_s` seconds, so a busy server asks the store a few times a second
+at most.
 """
 from __future__ import annotations
 
@@ -26,23 +28,23 @@ class StoreFollower:
     def __init__(self, state, gist=None, every_s: float = 1.0, open_memory: Callable[[], object] | None = None,
                  pool_path: Path | None = None):
         """`state`: the engine's ModelState (a reader: it never sweeps). `gist`: its GistState or None;
-        `open_memory()` makes a GistMemory on the live model when the pool first appears after startup."""
-        self.state, self.gist, self.every_s, self.open_memory = state, gist, every_s, open_memory
-        if pool_path is None:
-            from editors.gist_state import ARTIFACT
+        `open_memory()` makes a GistMemory on the live model when the pool first appears after startup;
+        `pool_path`: the pool's directory (default: the store's, editors/gist_state.ARTIFACT)."""
+        from editors.gist_state import pool_segments
+        from editors.incomes.segments import PoolSegments
 
-            pool_path = gist.path if gist is not None else state.store.data_dir / ARTIFACT
-        self.pool_path = pool_path
+        self.state, self.gist, self.every_s, self.open_memory = state, gist, every_s, open_memory
+        if gist is not None and (pool_path is None or Path(pool_path) == gist.path):
+            self.segments = gist.segments  # it knows which segments the served pool holds: reloads read new ones
+        else:
+            self.segments = PoolSegments(pool_path) if pool_path is not None else pool_segments(state.store)
+        self.pool_path = self.segments.directory
         self.version = state.version
         self._pool_stamp = self._stamp()
         self._checked = time.monotonic()
 
-    def _stamp(self) -> tuple[int, int] | None:
-        try:
-            info = self.pool_path.stat() if self.pool_path is not None else None
-        except FileNotFoundError:
-            return None
-        return (info.st_mtime_ns, info.st_size) if info is not None else None
+    def _stamp(self) -> tuple | None:
+        return self.segments.stamp()
 
     def expire(self) -> None:
         """The next refresh looks at the store whatever the throttle says (the caller knows it changed)."""
@@ -77,20 +79,19 @@ class StoreFollower:
         return True
 
     def _pool(self) -> bool:
-        if self.pool_path is None:
-            return False
         stamp = self._stamp()
         if stamp == self._pool_stamp or stamp is None:
             return False
         if self.gist is None and self.open_memory is None:
             return False
         memory = self.gist.memory if self.gist is not None else self.open_memory()
-        if memory.load(self.pool_path):
+        pool = self.segments.refresh(memory.pool, memory.pool.device)
+        if pool is not None and (pool is memory.pool or memory.adopt(pool, self.pool_path)):
             self._pool_stamp = stamp
             if self.gist is None:
                 from editors.gist_state import GistState
 
-                self.gist = GistState(self.state.store, memory)
+                self.gist = GistState(self.state.store, memory, self.segments)
             log.info("gist pool reloaded: %d fact(s)", len(memory))
             return True
         return False

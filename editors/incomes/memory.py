@@ -132,17 +132,25 @@ class GistMemory:
             if read is not None:
                 read.update(view.fact_ids[i] for i in rows)
 
+    @property
+    def tag(self) -> str:
+        """The add-on's fingerprint: a pool's tag says which add-on compressed its gists."""
+        return self._addon_fingerprint()
+
     def save(self, path: str | Path) -> Path:
-        self.pool.tag = self._addon_fingerprint()  # which add-on compressed these gists
+        self.pool.tag = self.tag  # which add-on compressed these gists
         return self.pool.save(path)
 
     def load(self, path: str | Path) -> bool:
-        """Read the pool file; False (and the pool left empty) when another add-on compressed it: its gists
-        would be read wrongly, and the caller compresses the facts again (editors/gist_state does)."""
-        pool = GistPool.load(path, self.addon.gist_embedding.device)
-        if pool.tag != self._addon_fingerprint():
+        """Read the pool file; False (and the pool left as it was) when another add-on compressed it."""
+        return self.adopt(GistPool.load(path, self.addon.gist_embedding.device), path)
+
+    def adopt(self, pool: GistPool, source: str | Path) -> bool:
+        """Serve `pool` (read from `source`); False, and the pool left as it was, when another add-on compressed
+        it: its gists would be read wrongly, and the caller compresses the facts again (editors/gist_state does)."""
+        if pool.tag != self.tag:
             log.warning("gist pool %s was compressed by another gist add-on; its %d facts will be compressed "
-                        "again", path, len(pool))
+                        "again", source, len(pool))
             return False
         self.pool = pool
         return True
