@@ -92,3 +92,29 @@ def test_the_gathered_read_answers_as_a_pool_of_the_readable_rows_alone(memory):
     finally:
         memory.pool = everything
     assert torch.allclose(whole, small, atol=1e-5)
+
+
+def test_rows_live_in_blocks_that_appends_and_removals_never_copy_whole(monkeypatch):
+    from editors.incomes import blocks
+
+    monkeypatch.setattr(blocks, "BLOCK", 4)
+    rows = blocks.RowBlocks(2, 1, 3, torch.device("cpu"), torch.float32)
+    reference = torch.randn(2, 11, 1, 3)
+    rows.append(reference[:, :3], reference[:, :3] + 1)
+    first = rows.snapshot()
+    rows.append(reference[:, 3:11], reference[:, 3:11] + 1)  # fills block 0, then blocks 1 and 2
+    assert rows.snapshot().used == (4, 4, 3)
+    assert rows.snapshot().keys[0].data_ptr() == first.keys[0].data_ptr()  # filled in place, not regrown
+    assert torch.equal(first.whole()[0], reference[:, :3])  # an older snapshot still reads its own rows
+    keep = [i for i in range(11) if i != 5]
+    untouched = rows.snapshot().keys[2].data_ptr()
+    before_removal = rows.snapshot()
+    rows.remove(5)  # rewrites block 1 alone
+    now = rows.snapshot()
+    assert now.used == (4, 3, 3) and now.keys[2].data_ptr() == untouched
+    assert torch.equal(now.whole()[0], reference[:, keep]) and torch.equal(now.whole()[1], reference[:, keep] + 1)
+    assert torch.equal(before_removal.whole()[0], reference)  # views handed out before keep their rows
+    pick = [0, 3, 4, 7, 9]
+    assert torch.equal(now.gather(pick)[0], reference[:, [keep[i] for i in pick]])
+    assert torch.equal(now.gather(pick, layer=1)[1], reference[1, [keep[i] for i in pick]] + 1)
+    assert now.gather([], layer=0)[0].shape == (0, 1, 3)

@@ -51,6 +51,27 @@ class BoundPool:
     index: AnchorIndex | None = None
     row_of: dict | None = None
     unanchored: list[int] | None = None  # the rows without anchors: every sequence reads them
+    # the view the tensors come from (PoolView): `kv` is then filled per layer on first use, and a gathered
+    # read takes the rows it needs from the view's blocks; layer -> position in the view's layers
+    source: object | None = None
+    layer_pos: dict[int, int] = field(default_factory=dict)
+
+    def has(self, layer: int) -> bool:
+        return layer in self.kv or layer in self.layer_pos
+
+    def whole(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All rows' (keys, values) [N, KVH, D] of upper layer `layer`."""
+        if layer not in self.kv:
+            at = self.layer_pos[layer]
+            self.kv[layer] = (self.source.keys[at], self.source.values[at])
+        return self.kv[layer]
+
+    def gather(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) [n, KVH, D] of `rows` (ascending) in upper layer `layer`."""
+        if self.source is None or layer in self.kv:
+            keys, values = self.whole(layer)
+            return keys.index_select(0, rows), values.index_select(0, rows)
+        return self.source.gather(self.layer_pos[layer], rows.tolist())
 
     def __post_init__(self):
         if self.anchors and self.index is None:
@@ -117,10 +138,14 @@ class GistRuntime:
         missing = [i for i in layer_ids if i not in layers]
         if missing:
             raise GistHookError(f"pool view lacks gists for upper layers {missing}")
-        kv = {i: (view.keys[layers.index(i)], view.values[layers.index(i)]) for i in layer_ids}
         bound = getattr(view, "bound_parts", None)
         parts = bound() if bound is not None else _bound_parts(view)  # a PoolView caches them per version
-        self.pool = BoundPool(kv, int(view.keys.shape[1]), **parts)
+        if bound is not None:  # tensors taken per layer, or per row for a gathered read, when first needed
+            self.pool = BoundPool({}, len(view), **parts, source=view,
+                                  layer_pos={i: layers.index(i) for i in layer_ids})
+        else:
+            kv = {i: (view.keys[layers.index(i)], view.values[layers.index(i)]) for i in layer_ids}
+            self.pool = BoundPool(kv, int(view.keys.shape[1]), **parts)
         self.relation_allowed = None  # row indices of another view
 
     def new_forward(self) -> None:
@@ -323,7 +348,7 @@ def _attention_pre(addon, idx: int, attn: nn.Module):
                 k = attn.k_norm(k)  # [N, KVH, D], Gemma3 normalises keys before RoPE
             v = attn.v_proj(hg).view(-1, *kv_width)  # [N, KVH, D]
             rt.captured[idx] = (k, v)
-        if rt.pool is not None and rt.pool.n and idx in rt.pool.kv:
+        if rt.pool is not None and rt.pool.n and rt.pool.has(idx):
             rt.stash[idx] = split_call(args, kwargs)
         return None
 
@@ -337,7 +362,7 @@ def _o_proj_pre(addon, idx: int, attn: nn.Module):
 
     def hook(module, args):
         bound = rt.pool
-        if bound is None or not bound.n or idx not in bound.kv:
+        if bound is None or not bound.n or not bound.has(idx):
             return None  # empty pool: the gist branch is skipped, not added as zeros
         if idx not in rt.stash:
             raise GistHookError(
@@ -348,9 +373,8 @@ def _o_proj_pre(addon, idx: int, attn: nn.Module):
         y = args[0]  # [B, T, H*D]
         if y.shape[-1] != width or y.shape[:-1] != hidden.shape[:-1]:
             raise GistHookError(f"layer {idx}: o_proj input {tuple(y.shape)} is not [B, T, {width}]")
-        keys, values = bound.kv[idx]
-        if rt.rows is not None:  # the gathered read: only rows some sequence may read
-            keys, values = keys.index_select(0, rt.rows), values.index_select(0, rt.rows)
+        # the gathered read: only the rows some sequence may read, from the blocks that hold them
+        keys, values = bound.whole(idx) if rt.rows is None else bound.gather(idx, rt.rows)
         readable = bound.n if rt.readable is None else rt.readable  # the pool's size, or rows per sequence
         out = branch(attn, hidden, cos_sin, y, keys, values, rt.read, addon.temperature(readable), rt.visible)
         return (out, *args[1:])

@@ -1,7 +1,7 @@
 """GistPool: the growing store of compressed facts, on the model's device, with scoped views.
 
-Rows are kept in one pair of buffers `[L, capacity, KVH, D]` that double when full, so appending a
-fact writes its row and never touches (or recomputes) the others. Removing a fact removes exactly
+Rows are kept in blocks of rows (editors/incomes/blocks.py), so appending a fact writes its row and never
+touches, copies or recomputes the others. Removing a fact removes exactly
 its row (the rows after it shift up; order is kept). Each row has a scope: None = global (visible to
 every chat) or a user_id (visible only to that user's chats); `view(user_id)` is global + that user's.
 
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from editors.incomes.anchor_index import AnchorIndex
+from editors.incomes.blocks import RowBlocks, Snapshot
 from memory.atomic import atomic_write
 from memory.errors import ConfigError, NotFoundError, ValidationError
 
@@ -42,24 +43,45 @@ _OPTIONAL_LISTS = ("anchors", "relations", "answers")  # pools written before th
 
 @dataclass(frozen=True)
 class PoolView:
-    """The rows one chat may read: `keys`/`values` [L, n, KVH, D] over the upper `layers`."""
+    """The rows one chat may read over the upper `layers`; `keys`/`values` [L, n, KVH, D] are put together
+    only when asked for (the gathered read takes just the rows a query may read: `gather`)."""
 
     layers: tuple[int, ...]
-    keys: torch.Tensor
-    values: torch.Tensor
+    rows: Snapshot  # the pool's blocks at this version
     fact_ids: tuple
     anchors: tuple = ()  # per row: a tuple of token-id tuples, or () (always visible); empty: none anywhere
     relations: tuple = ()  # per row: the text of what it answers, or None; empty: none anywhere
     answers: tuple = ()  # per row: a tuple of token-id tuples (its answer as tokenized), or (); empty: none anywhere
     index: AnchorIndex | None = None  # the pool's anchors by fact id (shared by its views; it may hold more facts)
+    pool_rows: tuple[int, ...] | None = None  # view row -> pool row; None: the same
     _parts: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.fact_ids)
 
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._whole()[0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._whole()[1]
+
+    def gather(self, layer: int, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [n, KVH, D] of view `rows` in upper layer `layer` (by position in `layers`)."""
+        if self.pool_rows is not None:
+            rows = [self.pool_rows[r] for r in rows]
+        return self.rows.gather(rows, layer)
+
+    def _whole(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if "whole" not in self._parts:
+            self._parts["whole"] = (self.rows.whole() if self.pool_rows is None
+                                    else self.rows.gather(list(self.pool_rows)))
+        return self._parts["whole"]
+
     def bound_parts(self) -> dict:
         """What the hooks' BoundPool takes of this view besides its tensors, worked out once per view."""
-        if not self._parts:
+        if "anchors" not in self._parts:
             from editors.incomes.hooks import id_string
 
             anchors = [[id_string(a) for a in row] for row in self.anchors]
@@ -68,7 +90,7 @@ class PoolView:
             if self.anchors and self.index is not None:
                 self._parts.update(index=self.index, row_of={f: i for i, f in enumerate(self.fact_ids)},
                                    unanchored=[i for i, forms in enumerate(self.anchors) if not forms])
-        return self._parts
+        return {k: v for k, v in self._parts.items() if k != "whole"}
 
 
 class GistPool:
@@ -77,8 +99,7 @@ class GistPool:
         self.layers = tuple(int(i) for i in layers)
         self.n_kv_heads, self.head_dim, self.tag = n_kv_heads, head_dim, tag
         self.device, self.dtype = torch.device(device), dtype
-        self._keys = torch.empty(len(self.layers), 0, n_kv_heads, head_dim, device=self.device, dtype=dtype)
-        self._values = torch.empty_like(self._keys)  # [L, capacity, KVH, D]
+        self._rows = RowBlocks(len(self.layers), n_kv_heads, head_dim, self.device, dtype)
         self._ids: list = []
         self._scopes: list[str | None] = []
         self._anchors: list[list[list[int]]] = []
@@ -140,10 +161,7 @@ class GistPool:
         if n == 0:
             return
         start = len(self._ids)
-        self._reserve(start + n)
-        with torch.no_grad():
-            self._keys[:, start:start + n] = gists.keys.detach().to(self.device, self.dtype)  # [L, n, KVH, D]
-            self._values[:, start:start + n] = gists.values.detach().to(self.device, self.dtype)
+        self._rows.append(gists.keys, gists.values)  # [L, n, KVH, D]
         self._row_of.update((f, start + i) for i, f in enumerate(fact_ids))
         for fact_id, forms in zip(fact_ids, anchors):
             self._index.add(fact_id, forms)
@@ -157,10 +175,7 @@ class GistPool:
     def remove(self, fact_id) -> None:
         """Remove exactly this fact's row; raises NotFoundError if it is not in the pool."""
         row = self._row(fact_id)
-        keep = [i for i in range(self._keys.shape[1]) if i != row]  # new buffers: views already
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)  # handed out stay valid
-        self._keys = self._keys.index_select(1, index)  # [L, capacity-1, KVH, D]
-        self._values = self._values.index_select(1, index)
+        self._rows.remove(row)  # its block only, as a new tensor: views already handed out stay valid
         del self._ids[row], self._scopes[row], self._anchors[row], self._relations[row], self._answers[row]
         self._index.remove(fact_id)
         self._row_of = {f: i for i, f in enumerate(self._ids)}  # the rows after it moved up
@@ -183,7 +198,14 @@ class GistPool:
 
     def bytes_per_fact(self) -> int:
         """Pool bytes one fact costs: L upper layers x (K + V) x KVH x D x element size."""
-        return len(self.layers) * 2 * self.n_kv_heads * self.head_dim * self._keys.element_size()
+        return len(self.layers) * 2 * self.n_kv_heads * self.head_dim * self._rows.element_size()
+
+    def rows_of(self, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [L, n, KVH, D] of pool rows `rows` (ascending), gathered from their blocks."""
+        if not rows:
+            shape = (len(self.layers), 0, self.n_kv_heads, self.head_dim)
+            return torch.empty(shape, dtype=self.dtype), torch.empty(shape, dtype=self.dtype)
+        return self._rows.snapshot().gather(list(rows))
 
     def nbytes(self) -> int:
         return len(self) * self.bytes_per_fact()
@@ -199,7 +221,8 @@ class GistPool:
                 "head_dim": self.head_dim, "dtype": str(self.dtype).removeprefix("torch."), "tag": self.tag,
                 "fact_ids": self._ids, "scopes": self._scopes, "anchors": self._anchors,
                 "relations": self._relations, "answers": self._answers}
-        tensors = {"keys": self._keys[:, :n].contiguous().cpu(), "values": self._values[:, :n].contiguous().cpu()}
+        keys, values = self._rows.snapshot().whole() if n else self.rows_of([])
+        tensors = {"keys": keys.contiguous().cpu(), "values": values.contiguous().cpu()}
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)}))
         log.debug("saved gist pool of %d facts to %s", n, path)
         return path
@@ -249,17 +272,6 @@ class GistPool:
         if len(set(fact_ids)) != n or any(f in self._row_of for f in fact_ids):
             raise ValidationError("fact ids must be unique within the pool")
 
-    def _reserve(self, needed: int) -> None:
-        capacity = self._keys.shape[1]
-        if needed <= capacity:
-            return
-        new_cap = max(needed, 2 * capacity, 16)
-        grown_k = self._keys.new_zeros(len(self.layers), new_cap, self.n_kv_heads, self.head_dim)
-        grown_v = torch.zeros_like(grown_k)  # [L, new_cap, KVH, D]
-        grown_k[:, :capacity] = self._keys
-        grown_v[:, :capacity] = self._values
-        self._keys, self._values = grown_k, grown_v
-
     def _touch(self) -> None:
         self._version += 1
         self._views.clear()
@@ -270,16 +282,12 @@ class GistPool:
             return cached
         n = len(self._ids)
         rows = [i for i, scope in enumerate(self._scopes) if visible(scope)]
-        if len(rows) == n:  # everything visible: slices, no copy
-            keys, values = self._keys[:, :n], self._values[:, :n]  # [L, n, KVH, D]
-        else:
-            index = torch.tensor(rows, dtype=torch.long, device=self.device)
-            keys, values = self._keys.index_select(1, index), self._values.index_select(1, index)
         anchors = tuple(tuple(tuple(a) for a in self._anchors[i]) for i in rows)
         relations = tuple(self._relations[i] for i in rows)
         answers = tuple(tuple(tuple(a) for a in self._answers[i]) for i in rows)
-        view = PoolView(self.layers, keys, values, tuple(self._ids[i] for i in rows), anchors if any(anchors) else (),
-                        relations if any(relations) else (), answers if any(answers) else (), self._index)
+        view = PoolView(self.layers, self._rows.snapshot(), tuple(self._ids[i] for i in rows),
+                        anchors if any(anchors) else (), relations if any(relations) else (),
+                        answers if any(answers) else (), self._index, None if len(rows) == n else tuple(rows))
         self._views[key] = view
         return view
 

@@ -78,12 +78,11 @@ def write_manifest(path: Path, manifest: dict) -> None:
 
 
 def write_segment(directory: Path, name: str, pool: GistPool, rows: list[int]) -> None:
-    """Write `rows` of `pool` (read-only use of its buffers) as segment `name`: tensors, then sidecar."""
+    """Write `rows` of `pool` (read-only use of its row lists) as segment `name`: tensors, then sidecar."""
     from safetensors.torch import save_file
 
-    index = torch.tensor(rows, dtype=torch.long, device=pool.device)
-    tensors = {"keys": pool._keys.index_select(1, index).contiguous().cpu(),  # [L, n, KVH, D]
-               "values": pool._values.index_select(1, index).contiguous().cpu()}
+    keys, values = pool.rows_of(rows)  # [L, n, KVH, D]
+    tensors = {"keys": keys.contiguous().cpu(), "values": values.contiguous().cpu()}
     header = json.dumps({"format": FORMAT, "segment": name, "rows": len(rows)})
     atomic_write(directory / f"{name}.safetensors",
                  lambda tmp: save_file(tensors, str(tmp), metadata={SEGMENT_KEY: header}))
