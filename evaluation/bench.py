@@ -16,7 +16,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("ingest", "edits", "gist", "scale", "rag", "chat", "memory")  # chat: agent/chat/bench.py (it needs agent.chat)
+SECTIONS = ("ingest", "edits", "gist", "scale", "startup", "rag", "chat", "memory")  # chat: agent/chat/bench.py (it needs agent.chat)
 
 
 @dataclass
@@ -27,6 +27,7 @@ class BenchConfig:
     gist_compress_n: int = 100
     gist_decode_n: int = 1000
     scale_n: int = 100_000  # the "scale" section: facts in the pool for ms per token against the base model
+    startup_edits: int = 1000  # the "startup" section: recorded edits a restart rebuilds from
     decode_tokens: int = 32
     rag_n: int = 100_000
     rag_queries: int = 200
@@ -126,3 +127,9 @@ def bench_scale(cfg: BenchConfig, loaded) -> dict:
     from editors.incomes.bench import decode_at_scale
 
     return decode_at_scale(loaded, cfg.scale_n, cfg.decode_tokens)
+
+
+def bench_startup(cfg: BenchConfig, loaded) -> dict:
+    from evaluation.bench_state import bench_startup as run
+
+    return run(loaded, cfg.startup_edits)

@@ -129,3 +129,22 @@ def test_the_scale_section_reads_one_row_of_a_large_pool_and_reports_both_speeds
     assert out["base_decode_ms_per_token"] > 0 and out["gist_decode_ms_per_token"] > 0
     assert out["gist_vs_base_ratio"] == round(out["gist_decode_ms_per_token"] / out["base_decode_ms_per_token"], 3)
     assert reads == [{0}]  # the gate let the query read the one fact it names, none of the 300 others
+    assert out["gist_append_ms_per_fact_empty"] > 0 and out["gist_append_ms_per_fact_full"] > 0
+
+
+def test_the_headline_figures_take_their_names_from_the_sections():
+    from evaluation.bench_figures import headline
+
+    results = {"edits": {"ice": {"median_seconds_per_edit": 4.0}, "ftm": {"median_seconds_per_edit": 2.0}},
+               "scale": {"facts": 100_001, "base_decode_ms_per_token": 20.0, "gist_decode_ms_per_token": 22.0,
+                         "gist_vs_base_ratio": 1.1, "gist_append_ms_per_fact_empty": 30.0,
+                         "gist_append_ms_per_fact_full": 33.0},
+               "rag": {"facts": 100_000, "end_to_end_p50_ms": 12.5}, "startup": {"edits": 1000, "startup_seconds": 2.5},
+               "memory": {"peak_rss_mib": 900.0}}
+    figures = headline(results)
+    assert figures == {"ice_seconds_per_edit": 4.0, "ftm_seconds_per_edit": 2.0, "ice_vs_ftm_time_ratio": 2.0,
+                       "base_decode_ms_per_token": 20.0, "gist_decode_ms_per_token_100k": 22.0,
+                       "gist_vs_base_decode_ratio_100k": 1.1, "gist_append_ms_per_fact_empty": 30.0,
+                       "gist_append_ms_per_fact_at_100k": 33.0, "rag_query_ms_100k": 12.5,
+                       "startup_seconds_1000_edits": 2.5, "peak_rss_mb": 900.0}
+    assert headline({}) == {}  # sections that did not run give no figures

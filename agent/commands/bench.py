@@ -27,7 +27,10 @@ def _configure_bench(p) -> None:
     p.add_argument("--chat-repeats", type=int, default=None,
                    help="measured answers per route in the chat section (default 3, 1 with --quick)")
     p.add_argument("--chat-max-tokens", type=int, default=32, help="tokens each chat answer decodes (EOS held back)")
-    p.add_argument("--quick", action="store_true", help="fewer repeats (the chat section: 1 per route)")
+    p.add_argument("--startup-edits", type=int, default=1000,
+                   help="recorded weight edits the startup section rebuilds the model from")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes and one repeat, for a schema check in a few minutes (not for the figures)")
 
 
 def bench_ingest(n: int) -> dict:
@@ -57,15 +60,22 @@ def cmd_bench(args) -> int:
     from evaluation.report import machine
 
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if args.quick:  # sizes for a schema check: the figures' names stay, their values mean little
+        args.ingest_n, args.edits, args.rag_n = min(args.ingest_n, 2000), 1, min(args.rag_n, 10_000)
+        args.gist_n, args.scale_n, args.startup_edits = min(args.gist_n, 200), min(args.scale_n, 2000), min(
+            args.startup_edits, 60)
+        args.chat_facts = min(args.chat_facts, 20)
     cfg = bench.BenchConfig(sections=tuple(wanted), ingest_n=args.ingest_n, edits_n=args.edits, rag_n=args.rag_n,
-                            gist_decode_n=args.gist_n, scale_n=args.scale_n)
-    loaded = load(args) if {"edits", "gist", "scale", "chat"} & set(wanted) else None
+                            gist_decode_n=args.gist_n, scale_n=args.scale_n, startup_edits=args.startup_edits,
+                            gist_compress_n=min(100, args.gist_n))
+    loaded = load(args) if {"edits", "gist", "scale", "startup", "chat"} & set(wanted) else None
     results: dict = {"model": args.model, "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     runners = {
         "ingest": lambda: bench_ingest(cfg.ingest_n),
         "edits": lambda: bench.bench_edits(cfg, loaded),
         "gist": lambda: bench.bench_gist(cfg, loaded),
         "scale": lambda: bench.bench_scale(cfg, loaded),
+        "startup": lambda: bench.bench_startup(cfg, loaded),
         "rag": lambda: bench.bench_rag(cfg),
         "chat": lambda: bench_chat(args, loaded),
     }
@@ -80,6 +90,9 @@ def cmd_bench(args) -> int:
         results[section] = runners[section]()
         results[section]["bench_seconds"] = round(time.perf_counter() - started, 1)
     results["memory"] = bench.peak_memory()
+    from evaluation.bench_figures import headline
+
+    results["figures"] = headline(results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     emit(args, results, json.dumps({k: v for k, v in results.items() if k != "machine"}, indent=2)

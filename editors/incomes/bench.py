@@ -123,6 +123,11 @@ def decode_at_scale(loaded, n: int, tokens: int = 32, repeats: int = 3) -> dict:
     addon = GistAddon.load(trained, model) if trained else GistAddon.for_model(model)
     memory = GistMemory(model, tok, addon)
     try:
+        _append_ms(memory, first_id=-100, repeats=1)  # warm up: the first compression pays one-time costs
+        memory.remove(-100)
+        empty = _append_ms(memory, first_id=-10)  # one fact at a time into an empty pool
+        for fact_id in memory.pool.fact_ids:
+            memory.remove(fact_id)
         memory.add([0], ["Quorbin Vesk lives in Talloway."], subjects=["Quorbin Vesk"])
         pool = memory.pool
         shape = (len(pool.layers), n, pool.n_kv_heads, pool.head_dim)
@@ -140,10 +145,22 @@ def decode_at_scale(loaded, n: int, tokens: int = 32, repeats: int = 3) -> dict:
             with memory.reading():
                 past, _ = _prefill(model, question)
                 gist.append(_decode_ms_per_token(model, question, past, tokens))
+        full = _append_ms(memory, first_id=-20)  # the same, into the pool of n + 1 facts
         out = {"facts": n + 1, "fill_seconds": round(fill_s, 1),
+               "gist_append_ms_per_fact_empty": empty, "gist_append_ms_per_fact_full": full,
                "base_decode_ms_per_token": round(statistics.median(base), 2),
                "gist_decode_ms_per_token": round(statistics.median(gist), 2)}
         out["gist_vs_base_ratio"] = round(out["gist_decode_ms_per_token"] / out["base_decode_ms_per_token"], 3)
         return out
     finally:
         memory.close()
+
+
+def _append_ms(memory: GistMemory, first_id: int, repeats: int = 3) -> float:
+    """Median ms to compress one fact and append it to the pool as it is (`repeats` facts, one at a time)."""
+    times = []
+    for i in range(repeats):
+        started = time.perf_counter()
+        memory.add([first_id - i], [f"Marlo Quint {i} plays the oboe."], subjects=[f"Marlo Quint {i}"])
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times) * 1000, 2)
