@@ -1,9 +1,13 @@
-"""Opening a database: SQLite's pragmas (WAL, busy timeout), and clear errors for a missing driver."""
+"""Opening a database: SQLite's pragmas (WAL, busy timeout), clear errors for a missing driver, and the
+one statement that differs by dialect (an upsert)."""
 from __future__ import annotations
 
+import importlib
 import sqlite3
 import time
 from pathlib import Path
+
+from sqlalchemy.orm import Session
 
 from memory.errors import StoreError
 
@@ -55,3 +59,17 @@ def sqlite_lacks_store(path: Path) -> bool:
             conn.close()
     except sqlite3.Error:
         return False  # unreadable this way: let the normal open decide
+
+
+def upsert(session: Session, model: type, values: dict) -> None:
+    """Insert one row or update it by primary key, in one statement (INSERT ... ON CONFLICT DO UPDATE on
+    SQLite and PostgreSQL): two processes writing a new key at once cannot both insert it, as they can
+    with a read-then-write merge. Other dialects get that merge."""
+    dialect = session.get_bind().dialect.name
+    if dialect not in ("sqlite", "postgresql"):
+        session.merge(model(**values))
+        return
+    keys = [column.name for column in model.__table__.primary_key]
+    stmt = importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert(model).values(**values)
+    session.execute(stmt.on_conflict_do_update(
+        index_elements=keys, set_={name: stmt.excluded[name] for name in values if name not in keys}))

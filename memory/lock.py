@@ -8,6 +8,9 @@ instead of hanging; `timeout` > 0 polls for that long first.
 Why it exists: the orphan sweep deletes delta files no row points to. Only the lock holder may sweep,
 so it can never delete the delta another process has written but not yet committed.
 
+It guards files, not rows, so it holds on every database backend: a PostgreSQL store's deltas still
+live in a local data dir (FactStore.data_dir), and only its lock holder may sweep them.
+
 Within one process the lock is re-entrant (a count per lock file): two ModelStates on the same store
 in one process are one writer, and flock would otherwise make the second one lock out the first.
 """

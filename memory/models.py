@@ -1,16 +1,40 @@
-"""SQLAlchemy 2.0 models of the fact store (DESIGN §2, data model)."""
+"""SQLAlchemy 2.0 models of the fact store (DESIGN §2, data model).
+
+The same DDL serves SQLite and PostgreSQL. PostgreSQL enforces VARCHAR lengths (SQLite does not): every
+bounded column holds either a value memory/facts.py caps at that length or one of our own short names.
+"""
 from __future__ import annotations
 
 from datetime import datetime, timezone
 
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 SCHEMA_VERSION = 1
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+class UtcDateTime(TypeDecorator):
+    """A UTC instant, read back as a naive UTC datetime on every backend. SQLite keeps no zone and returns
+    naive wall time; PostgreSQL returns aware times in its session zone: both now read alike."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        # A naive value is UTC already; SQLite would drop an aware one's zone without converting it.
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None or value.tzinfo is None:
+            return value
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
 
 
 class Base(DeclarativeBase):
@@ -22,7 +46,7 @@ class Meta(Base):
     gist add-on the store is bound to (`model`, `model_fingerprint`, `gist_addon`, ...)."""
 
     __tablename__ = "meta"
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(Text, primary_key=True)  # unbounded: it embeds client Idempotency-Keys
     value: Mapped[str] = mapped_column(Text)
 
 
@@ -39,9 +63,10 @@ class Fact(Base):
     content_hash: Mapped[str] = mapped_column(String(64), unique=True)
     status: Mapped[str] = mapped_column(String(16), default="active", index=True)
     superseded_by: Mapped[int | None] = mapped_column(ForeignKey("facts.id"))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
-    __table_args__ = (Index("ix_facts_prompt", "prompt"), Index("ix_facts_subject_relation", "subject", "relation"))
+    # A hash index on PostgreSQL: a b-tree entry cannot exceed ~2.7 kB, and a 1000-character prompt can.
+    __table_args__ = (Index("ix_facts_prompt", "prompt", postgresql_using="hash"), Index("ix_facts_subject_relation", "subject", "relation"))
 
     @property
     def statement(self) -> str:
@@ -54,7 +79,7 @@ class Context(Base):
     fact_id: Mapped[int] = mapped_column(ForeignKey("facts.id"), index=True)
     text: Mapped[str] = mapped_column(Text)
     generator: Mapped[str] = mapped_column(String(200))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class Edit(Base):
@@ -71,7 +96,7 @@ class Edit(Base):
     error: Mapped[str | None] = mapped_column(Text)
     artifact: Mapped[str | None] = mapped_column(Text)  # safetensors delta, relative to the data dir
     checksum: Mapped[str | None] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class Event(Base):
@@ -82,7 +107,7 @@ class Event(Base):
     fact_id: Mapped[int | None] = mapped_column(ForeignKey("facts.id"), index=True)
     kind: Mapped[str] = mapped_column(String(32))
     detail: Mapped[dict | None] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class Checkpoint(Base):
@@ -92,7 +117,7 @@ class Checkpoint(Base):
     path: Mapped[str] = mapped_column(Text)
     checksum: Mapped[str | None] = mapped_column(String(64))
     model_version: Mapped[int | None] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class EvalRun(Base):
@@ -105,8 +130,8 @@ class EvalRun(Base):
     settings: Mapped[dict | None] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), default="running")
     out_dir: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
 class EvalPoint(Base):
@@ -137,7 +162,7 @@ class Stage(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_until: Mapped[float | None] = mapped_column(Float)  # epoch seconds: floats compare in any backend
     error: Mapped[str | None] = mapped_column(Text)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class SourceOffset(Base):
@@ -148,7 +173,7 @@ class SourceOffset(Base):
     key: Mapped[str] = mapped_column(String(1000), primary_key=True)  # the source's identity (absolute path)
     offset: Mapped[int] = mapped_column(Integer, default=0)  # bytes
     line: Mapped[int] = mapped_column(Integer, default=0)  # lines, for the line numbers of messages
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class FactExtraction(Base):
@@ -168,4 +193,4 @@ class FactExtraction(Base):
     prompt: Mapped[str | None] = mapped_column(Text)
     target: Mapped[str | None] = mapped_column(String(300))
     reason: Mapped[str | None] = mapped_column(Text)  # why nothing was found, or why the LLM was overruled
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

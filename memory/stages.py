@@ -9,7 +9,9 @@ more ends: `failed` (parked after `max_attempts` failed attempts, with its last 
 - **Claims.** A process works on a fact only while it holds the row's lease (owner id + expiry). A
   lease is stale when it expired, or when its owner was a process on this host that no longer runs:
   a stale lease is taken over (counted in `takeovers`; a fact whose step keeps killing the process is
-  parked after `max_takeovers`).
+  parked after `max_takeovers`). On PostgreSQL the claim locks its rows with `FOR UPDATE SKIP LOCKED`:
+  agents claiming at once on one store skip each other's rows instead of waiting on or doubling them
+  (SQLite ignores the clause; it lets one writer in at a time anyway).
 - **Transitions** are compare-and-set on (stage, lease owner), in the caller's transaction, so a step's
   result and its stage commit together or not at all.
 - **Settling.** Routing creates the pending `edits` row (the existing work queue) that the editors
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
+from memory.connect import upsert
 from memory.errors import StoreError
 from memory.models import Edit, Event, Fact, SourceOffset, Stage, utcnow
 
@@ -85,7 +88,7 @@ def read_offset(store, key: str) -> tuple[int, int]:
 
 
 def write_offset(session: Session, key: str, offset: int, line: int) -> None:
-    session.merge(SourceOffset(key=key, offset=offset, line=line, updated_at=utcnow()))
+    upsert(session, SourceOffset, {"key": key, "offset": offset, "line": line, "updated_at": utcnow()})
 
 
 # -- rows -------------------------------------------------------------------------------------------
@@ -262,7 +265,8 @@ def settle(store, max_attempts: int, fact_ids: Iterable[int] | None = None, veri
     doc). Records only what already happened, so it needs no lease; safe to run at any time. With
     `verify`, an applied edit moves the stage to `verifying` (its lease kept: the applier checks it next)."""
     query = (select(Stage, Edit, Fact.status).join(Edit, Edit.id == Stage.edit_id).join(Fact, Fact.id == Stage.fact_id)
-             .where(Stage.stage == ROUTED, Edit.status != "pending").order_by(Stage.fact_id))
+             .where(Stage.stage == ROUTED, Edit.status != "pending").order_by(Stage.fact_id)
+             .with_for_update(of=Stage, skip_locked=True))  # two agents settling at once: one records each
     if fact_ids is not None:
         query = query.where(Stage.fact_id.in_(list(fact_ids)))
     outcomes = []

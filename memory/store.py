@@ -1,4 +1,4 @@
-"""The fact store: every fact, context, edit and event, in SQLite (or any SQLAlchemy URL).
+"""The fact store: every fact, context, edit and event, in SQLite or PostgreSQL (or any SQLAlchemy URL).
 
 Semantics:
 - An identical fact (same content hash) that is active is a no-op reported as a duplicate.
@@ -12,6 +12,7 @@ Semantics:
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from memory.connect import driver_error, sqlite_lacks_store, sqlite_pragmas
+from memory.connect import driver_error, sqlite_lacks_store, sqlite_pragmas, upsert
 from memory.errors import FingerprintMismatchError, NotFoundError, SchemaVersionError, StoreError
 from memory.facts import FactInput
 from memory.models import SCHEMA_VERSION, Base, Context, Edit, Event, Fact, Meta, utcnow
@@ -56,6 +57,8 @@ class FactStore:
         except Exception as exc:
             raise StoreError(f"invalid database URL {self.url!r}: {exc}") from exc
         self.display_url = shown = parsed.render_as_string(hide_password=True)  # never echo a password
+        self._server = None if parsed.get_backend_name() == "sqlite" else (
+            parsed.get_backend_name(), parsed.host or "local", parsed.port or "", parsed.database or "")
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         self.db_path = Path(parsed.database) if self.is_sqlite and parsed.database not in (None, "", ":memory:") else None
         if self.db_path is not None:
@@ -134,6 +137,9 @@ class FactStore:
             return Path(env)
         if self.db_path is not None:
             return self.db_path.with_name(self.db_path.stem + ".engram")
+        if self._server is not None:
+            # One folder per database server and name: stores sharing a folder would sweep each other's deltas.
+            return REPO_ROOT / "engram-data" / re.sub(r"[^\w.-]+", "_", "-".join(map(str, self._server)))
         return REPO_ROOT / "engram-data"
 
     @contextmanager
@@ -154,11 +160,8 @@ class FactStore:
             return row.value if row else default
 
     def set_meta(self, key: str, value: str, session: Session | None = None) -> None:
-        if session is not None:
-            session.merge(Meta(key=key, value=value))
-            return
-        with self.transaction() as s:
-            s.merge(Meta(key=key, value=value))
+        with self._joined(session) as s:
+            upsert(s, Meta, {"key": key, "value": value})
 
     def bind_fingerprint(self, kind: str, name: str, fingerprint: str) -> None:
         """Tie this store to one model (kind "model") or add-on (kind "gist_addon"): the first call records
@@ -169,7 +172,7 @@ class FactStore:
                 with self.transaction() as s:
                     # The insert first: it takes the write lock, and a concurrent first binder fails it.
                     s.execute(insert(Meta).values(key=key, value=fingerprint))
-                    s.merge(Meta(key=kind, value=name))
+                    upsert(s, Meta, {"key": kind, "value": name})
                 return
             except IntegrityError:
                 pass  # another process bound first: compare with what it recorded

@@ -45,8 +45,8 @@ def write(path: Path, records, mode: str = "w") -> None:
 class Harness:
     """One agent process: the store, the rebuilt live model, the loop's backends, a JSON view into `out`."""
 
-    def __init__(self, tmp_path: Path, editor=None, rag=None, gist=new_gist_state, **config):
-        self.store, self.state = writer_state(f"sqlite:///{tmp_path / 'store.sqlite'}")
+    def __init__(self, tmp_path: Path, editor=None, rag=None, gist=new_gist_state, url: str | None = None, **config):
+        self.store, self.state = writer_state(url or f"sqlite:///{tmp_path / 'store.sqlite'}")
         self.editor = editor(self.state.model) if callable(editor) else FakeEditor(self.state.model)
         self.gist = None
         self._make_gist = gist

@@ -1,4 +1,5 @@
-"""The fact store on a temp SQLite file: dedupe, supersede, schema refusal, rollback, events."""
+"""The fact store on SQLite and PostgreSQL (tests/conftest.py: store_url): dedupe, supersede, schema
+refusal, rollback, events."""
 from __future__ import annotations
 
 import pytest
@@ -8,6 +9,12 @@ from memory.errors import NotFoundError, SchemaVersionError
 from memory.facts import FactInput
 from memory.models import SCHEMA_VERSION, Fact
 from memory.store import FactStore
+
+
+@pytest.fixture
+def store(store_url):
+    """This module's store: a fresh one on each backend."""
+    return FactStore(store_url)
 
 
 def fact(prompt="The capital of Japan is", target="Nairobi", **kw) -> FactInput:
@@ -78,8 +85,8 @@ def test_failed_batch_writes_nothing(store, monkeypatch):
     assert store.counts()["facts"]["active"] == 1
 
 
-def test_newer_schema_is_refused(tmp_path):
-    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+def test_newer_schema_is_refused(store_url):
+    url = store_url
     FactStore(url).set_meta("schema_version", str(SCHEMA_VERSION + 1))
     with pytest.raises(SchemaVersionError, match="newer"):
         FactStore(url)

@@ -1,9 +1,10 @@
 """The store's semantics (issue 20 §2): re-asserting an old value, the pending-work queue, the model
-fingerprint binding, concurrent first opens, opening without creating, and missing database drivers."""
+fingerprint binding, concurrent first opens, opening without creating, and missing database drivers.
+The store tests run on SQLite and PostgreSQL (tests/conftest.py: store_url)."""
 from __future__ import annotations
 
-import importlib.util
 import multiprocessing
+import sys
 
 import pytest
 from sqlalchemy import select, text
@@ -12,6 +13,12 @@ from memory.errors import FingerprintMismatchError, NotFoundError, StoreError
 from memory.facts import FactInput
 from memory.models import Edit
 from memory.store import FactStore
+
+
+@pytest.fixture
+def store(store_url):
+    """This module's store: a fresh one on each backend."""
+    return FactStore(store_url)
 
 
 def capital(target: str) -> FactInput:
@@ -174,11 +181,11 @@ def test_addon_fingerprint_hashes_names_and_bytes(tmp_path):
         addon_fingerprint(tmp_path / "missing")
 
 
-def test_bind_fingerprint_records_then_refuses_another_model(tmp_path):
+def test_bind_fingerprint_records_then_refuses_another_model(store_url):
     from editors.fingerprint import model_fingerprint
     from editors.model import tiny_llama
 
-    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    url = store_url
     small, other = model_fingerprint(tiny_llama(), "smollm2-135m"), model_fingerprint(tiny_llama(layers=2), "x")
     store = FactStore(url)
     store.bind_fingerprint("model", "smollm2-135m", small)
@@ -209,22 +216,29 @@ def _open_and_bind(url: str) -> str:
     _barrier.wait(timeout=60)
     store = FactStore(url)
     store.bind_fingerprint("model", "tiny", "abcd")
+    if not store.is_sqlite:
+        return store.engine.dialect.name
     with store.engine.connect() as conn:
         return conn.exec_driver_sql("PRAGMA journal_mode").scalar()
 
 
-def test_concurrent_first_opens_all_succeed(tmp_path):
-    workers, rounds = 4, 4
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_concurrent_first_opens_all_succeed(tmp_path, request, backend):
+    workers, rounds = 4, 4 if backend == "sqlite" else 2
+    # PostgreSQL: a fresh schema a round (its first opens serialize on an advisory lock).
+    fresh = request.getfixturevalue("postgres_url") if backend == "postgresql" else None
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(workers)
     with ctx.Pool(workers, initializer=_init_worker, initargs=(barrier,)) as pool:
         for r in range(rounds):
-            url = f"sqlite:///{tmp_path / f'round{r}' / 'store.sqlite'}"
+            url = fresh() if fresh else f"sqlite:///{tmp_path / f'round{r}' / 'store.sqlite'}"
             modes = pool.map(_open_and_bind, [url] * workers, chunksize=1)
-            assert modes == ["wal"] * workers
+            assert modes == (["wal"] if backend == "sqlite" else ["postgresql"]) * workers
             assert FactStore(url).get_meta("schema_version") is not None
-    with FactStore(url).engine.connect() as conn:
-        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
+            assert FactStore(url).get_meta("model_fingerprint") == "abcd"
+    if backend == "sqlite":
+        with FactStore(url).engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
 
 
 # -- 4. opening without creating --------------------------------------------------------------------
@@ -249,22 +263,29 @@ def test_open_without_create_refuses_a_missing_store(tmp_path):
     assert FactStore(url, create=False).get_fact(fid).target == "Tokyo"
 
 
+def test_open_without_create_on_any_backend(store_url):
+    with pytest.raises(NotFoundError, match="no Engram store at"):
+        FactStore(store_url, create=False)
+    fid = FactStore(store_url).add_facts([capital("Tokyo")]).new_ids[0]
+    assert FactStore(store_url, create=False).get_fact(fid).target == "Tokyo"
+
+
 # -- 5. missing database drivers --------------------------------------------------------------------
 @pytest.mark.parametrize("url, module, package", [
     ("postgresql+psycopg://u@localhost/db", "psycopg", "psycopg[binary]"),
     ("postgresql+psycopg2://u@localhost/db", "psycopg2", "psycopg2-binary"),
     ("mysql+pymysql://u@localhost/db", "pymysql", "pymysql"),
 ])
-def test_a_missing_driver_names_the_package_to_install(url, module, package):
-    if importlib.util.find_spec(module) is not None:
-        pytest.skip(f"{module} is installed here")
+def test_a_missing_driver_names_the_package_to_install(url, module, package, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed (psycopg is, for PostgreSQL)
     with pytest.raises(StoreError) as err:
         FactStore(url)
     assert f"the URL needs the {module} driver" in str(err.value)
     assert f"pip install '{package}'" in str(err.value)
 
 
-def test_wal_and_busy_timeout_take_effect(store):
+def test_wal_and_busy_timeout_take_effect(tmp_path):
+    store = FactStore(f"sqlite:///{tmp_path / 'store.sqlite'}")
     with store.engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 10000
