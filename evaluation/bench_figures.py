@@ -45,6 +45,8 @@ def headline(results: dict) -> dict:
     startup = results.get("startup") or {}
     if "startup_seconds" in startup:
         out[f"startup_seconds_{startup['edits']}_edits"] = startup["startup_seconds"]
+        if "worst_case_startup_seconds" in startup:  # the most deltas after a checkpoint
+            out[f"startup_seconds_{startup['worst_case_edits']}_edits"] = startup["worst_case_startup_seconds"]
     memory = results.get("memory") or {}
     if "peak_rss_mib" in memory:
         out["peak_rss_mb"] = memory["peak_rss_mib"]
@@ -54,3 +56,29 @@ def headline(results: dict) -> dict:
 def _count(n: int) -> str:
     """100000 -> "100k", 1000 -> "1000" (the names the issue and README use)."""
     return f"{n // 1000}k" if n >= 10_000 and n % 1000 == 0 else str(n)
+
+
+# The figures each section owes (names with a size end in `_N`, matched by prefix), for the schema check.
+EXPECTED = {
+    "edits": ("ice_seconds_per_edit", "ftm_seconds_per_edit", "ice_vs_ftm_time_ratio"),
+    "gist": ("gist_compress_seconds_", "icl_prefill_seconds_", "gist_vs_icl_compress_speedup", "gist_pool_bytes_per_fact",
+             "icl_kv_bytes_per_fact", "gist_vs_icl_memory_ratio", "gist_decode_ms_per_token_", "icl_decode_ms_per_token_",
+             "gist_vs_icl_decode_speedup"),
+    "scale": ("base_decode_ms_per_token", "gist_vs_base_decode_ratio_", "gist_append_ms_per_fact_empty",
+              "gist_append_ms_per_fact_at_"),
+    "rag": ("rag_query_ms_",),
+    "ingest": ("ingest_facts_per_second",),
+    "startup": ("startup_seconds_",),
+    "memory": ("peak_rss_mb",),
+}
+
+
+def missing_figures(figures: dict, sections) -> list[str]:
+    """The expected figures of the sections that ran which are absent or not numbers."""
+    missing = []
+    for section in sections:
+        for name in EXPECTED.get(section, ()):
+            found = [v for k, v in figures.items() if k == name or (name.endswith("_") and k.startswith(name))]
+            if not found or not all(isinstance(v, (int, float)) for v in found):
+                missing.append(name.rstrip("_") + ("_N" if name.endswith("_") else ""))
+    return missing

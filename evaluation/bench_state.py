@@ -57,6 +57,20 @@ class RankOneStandIn:
 def bench_startup(loaded, edits: int, repeats: int = 3) -> dict:
     """Record `edits` weight edits in a fresh store, then time ModelState.rebuild() on the base weights
     (median of `repeats`); the live model is put back to its weights before the bench at the end."""
+    from editors.checkpoints import EVERY
+
+    out: dict = {}
+    # Also just before the next checkpoint: the most deltas a restart replays after N edits.
+    worst = edits + EVERY - 1 - edits % EVERY
+    ((_, seconds), (_, worst_s)) = startup_times(loaded, (edits, worst), repeats, out)
+    return {"edits": edits, "record_seconds": out["record_seconds"], "startup_seconds": seconds,
+            "worst_case_edits": worst, "worst_case_startup_seconds": worst_s,
+            "delta_mib_per_edit": out["delta_mib_per_edit"]}
+
+
+def startup_times(loaded, sizes: tuple[int, ...], repeats: int = 3, out: dict | None = None) -> list[tuple[int, float]]:
+    """(n, median seconds of a rebuild) as the recorded edits reach each n of `sizes` in one fresh store;
+    `out` gets the time spent recording and the delta bytes per edit."""
     from editors.registry import make_editor
     from editors.state import ModelState
     from memory.facts import FactInput
@@ -65,27 +79,35 @@ def bench_startup(loaded, edits: int, repeats: int = 3) -> dict:
     model = loaded.model
     names = make_editor("ice", model, loaded.tokenizer).parameter_names()
     original = snapshot(model, names)
+    sizes = tuple(sorted(sizes))
+    times = []
+    out = {} if out is None else out
     with tempfile.TemporaryDirectory() as tmp:
         store = FactStore(f"sqlite:///{tmp}/bench.sqlite")
-        ids = store.add_facts([FactInput(prompt=f"Fact {i} is", target=f"t{i}") for i in range(edits)]).new_ids
-        state = ModelState(store, model)
+        ids = store.add_facts([FactInput(prompt=f"Fact {i} is", target=f"t{i}") for i in range(sizes[-1])]).new_ids
         editor = RankOneStandIn(model, names)
-        started = time.perf_counter()
+        record_s, done = 0.0, 0
         try:
-            for fact in state.pending_facts():
-                state.apply(fact, editor, "ice")
-            record_s = time.perf_counter() - started
-            state.close()
-            seconds = []
-            for _ in range(repeats):
-                restore(model, original)
-                fresh = ModelState(store, model)
-                t = time.perf_counter()
-                fresh.rebuild(sweep=False)
-                seconds.append(time.perf_counter() - t)
-                fresh.close()
+            for n in sizes:
+                state = ModelState(store, model)
+                state.rebuild(sweep=False)
+                started = time.perf_counter()
+                for fact in state.pending_facts(limit=n - done):
+                    state.apply(fact, editor, "ice")
+                record_s += time.perf_counter() - started
+                done = n
+                state.close()
+                seconds = []
+                for _ in range(repeats):
+                    restore(model, original)
+                    fresh = ModelState(store, model)
+                    t = time.perf_counter()
+                    fresh.rebuild(sweep=False)
+                    seconds.append(time.perf_counter() - t)
+                    fresh.close()
+                times.append((n, round(statistics.median(seconds), 3)))
         finally:
             restore(model, original)
         deltas = sum(p.stat().st_size for p in (store.data_dir / "deltas").iterdir())
-    return {"edits": len(ids), "record_seconds": round(record_s, 1), "startup_seconds": round(statistics.median(seconds), 3),
-            "delta_mib_per_edit": round(deltas / len(ids) / 2**20, 2)}
+    out.update(record_seconds=round(record_s, 1), delta_mib_per_edit=round(deltas / len(ids) / 2**20, 2))
+    return times

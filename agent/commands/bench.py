@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from agent.commands.common import emit, load, note
+from evaluation.bench_figures import missing_figures
 
 
 def _configure_bench(p) -> None:
@@ -31,6 +32,10 @@ def _configure_bench(p) -> None:
                    help="recorded weight edits the startup section rebuilds the model from")
     p.add_argument("--quick", action="store_true",
                    help="small sizes and one repeat, for a schema check in a few minutes (not for the figures)")
+    p.add_argument("--scaling", action="store_true",
+                   help="instead of the sections: curves over 10 to 100k facts (gist, ICL, RAG) and over weight "
+                        "edits (ICE, startup), written as JSON, CSV and a plot into --scaling-dir")
+    p.add_argument("--scaling-dir", default="bench-scaling", help="where --scaling writes scaling.{json,csv,png}")
 
 
 def bench_ingest(n: int) -> dict:
@@ -55,9 +60,25 @@ def bench_chat(args, loaded) -> dict:
     return run(loaded, ChatBenchConfig(facts=args.chat_facts, repeats=repeats, max_tokens=args.chat_max_tokens))
 
 
+def cmd_scaling(args) -> int:
+    from evaluation.bench_scaling import ScalingConfig, run_scaling
+    from evaluation.report import machine
+
+    cfg = ScalingConfig(sizes=(10, 100, 1000), repeats=1, ice_edits=2, startup_sizes=(10, 60)) if args.quick else ScalingConfig()
+    out_dir = Path(args.scaling_dir)
+    results = {"model": args.model, "machine": machine(), "quick": args.quick,
+               **run_scaling(load(args), cfg, out_dir, note=note)}
+    (out_dir / "scaling.json").write_text(json.dumps(results, indent=2))
+    emit(args, results, json.dumps(results["usable"], indent=2) + f"\n(CSV and plot in {out_dir}/)")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from evaluation import bench
     from evaluation.report import machine
+
+    if args.scaling:
+        return cmd_scaling(args)
 
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     if args.quick:  # sizes for a schema check: the figures' names stay, their values mean little
@@ -93,10 +114,16 @@ def cmd_bench(args) -> int:
     from evaluation.bench_figures import headline
 
     results["figures"] = headline(results)
+    missing = missing_figures(results["figures"], wanted)
+    if missing:
+        results["missing_figures"] = missing
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     emit(args, results, json.dumps({k: v for k, v in results.items() if k != "machine"}, indent=2)
          + f"\n(on {platform.node()}: {results['machine']['processor']}, {results['machine']['cpus']} CPUs)")
+    if missing:
+        note(f"bench: the sections ran but these figures are missing: {', '.join(missing)}")
+        return 1
     return 0
 
 
