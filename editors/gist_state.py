@@ -120,11 +120,18 @@ class GistState:
             self.segments.remove(stray)
             self.segments.append(self._pool(), [f.id for f in missing])
         self._drain(())
-        if self.segments.crowded():
-            done = self.segments.compact(self._pool())
-            log.info("compacted the gist pool: %d segment(s) into one, %d removed row(s) dropped", done.segments,
-                     done.dropped)
+        self.compact_if_crowded()
         return len(self.memory)
+
+    def compact_if_crowded(self):
+        """Merge the pool's segments when there are many or many rows are tombstoned (segments.crowded):
+        on open, and when a long-running agent is idle. Returns the Compaction, or None."""
+        if not self.segments.crowded():
+            return None
+        done = self.segments.compact(self._pool())
+        log.info("compacted the gist pool: %d segment(s) into one, %d removed row(s) dropped", done.segments,
+                 done.dropped)
+        return done
 
     def add(self, facts: Sequence[Fact] = ()) -> float:
         """Compress `facts` and every pending gist fact into the pool and record them; returns the seconds

@@ -373,6 +373,25 @@ def test_superseded_facts_are_dropped_or_taken_out_and_the_rag_index_follows(tmp
     h.close()
 
 
+def test_an_idle_agent_compacts_the_pool_segments_a_long_run_piled_up(tmp_path, monkeypatch):
+    from editors.incomes import segments
+
+    monkeypatch.setattr(segments, "COMPACT_SEGMENTS", 3)  # instead of 64: a few rounds pile up enough
+    path = tmp_path / "facts.jsonl"
+    write(path, [fact(i) for i in range(1, 7)])
+    h = Harness(tmp_path, read_lines=1, batch=1)  # one fact a round: one segment each
+    assert h.run(h.file(path)) == 0
+    manifest = h.gist.segments.manifest()
+    # Merged while the agent ran (not only on open): never more than the limit, the first holds several.
+    assert len(manifest["segments"]) <= 3 and manifest["segments"][0]["rows"] > 1, manifest["segments"]
+    assert [e["text"] for e in h.events("note") if "compacted" in e["text"]]
+    assert sorted(h.gist.memory.pool.fact_ids) == [1, 2, 3, 4, 5, 6]
+    reopened = new_gist_state(h.store)
+    assert reopened.open() == 6 and sorted(reopened.memory.pool.fact_ids) == [1, 2, 3, 4, 5, 6]
+    reopened.memory.close()
+    h.close()
+
+
 def test_with_the_real_router_a_fact_replacing_one_in_the_weights_is_routed_after_it(tmp_path):
     from agent.router import RoutePolicy, Router
 

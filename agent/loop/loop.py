@@ -222,7 +222,11 @@ class AgentLoop(Applying):
                 self._gist.remove(fact_id, reason="superseded or deleted")
                 removed += 1
         self._rag_dirty |= bool(removed)
-        return bool(removed)
+        compacted = self._gist.compact_if_crowded() if self._gist is not None else None
+        if compacted is not None:  # idle: the segments a long run piled up, merged
+            self.view.note(f"gist pool compacted: {compacted.segments} segment(s) into one, "
+                           f"{compacted.dropped} removed row(s) dropped")
+        return bool(removed) or compacted is not None
 
     def _sync_rag(self) -> None:
         try:
