@@ -118,3 +118,31 @@ def test_rows_live_in_blocks_that_appends_and_removals_never_copy_whole(monkeypa
     assert torch.equal(now.gather(pick)[0], reference[:, [keep[i] for i in pick]])
     assert torch.equal(now.gather(pick, layer=1)[1], reference[1, [keep[i] for i in pick]] + 1)
     assert now.gather([], layer=0)[0].shape == (0, 1, 3)
+
+
+def test_a_views_id_strings_are_the_rows_anchors_and_answers_through_appends_removals_and_scopes():
+    from editors.incomes.hooks import id_string
+
+    pool = GistPool([1, 2], 1, 4)
+
+    def add(ids, scopes, anchors, answers):
+        shape = (2, len(ids), 1, 4)
+        pool.append(ids, CompressedGists(pool.layers, torch.randn(shape), torch.randn(shape)), scopes,
+                    anchors=anchors, answers=answers)
+
+    def check(view):
+        parts = view.bound_parts()
+        assert parts["anchors"] == [tuple(id_string(a) for a in row) for row in view.anchors]
+        assert parts["answers"] == [tuple(id_string(a) for a in row) for row in view.answers]
+        assert parts["row_of"] == {f: i for i, f in enumerate(view.fact_ids)}
+
+    add([1, 2, 3], None, [[[5, 6]], [], [[7], [8, 9]]], [[[1]], [[2, 3]], []])
+    check(pool.view())
+    add([4, 5], ["ann", None], [[[10]], [[11, 12]]], [[[4]], [[5]]])
+    assert pool.view().fact_ids == (1, 2, 3, 5) and pool.view("ann").fact_ids == (1, 2, 3, 4, 5)
+    check(pool.view()), check(pool.view("ann")), check(pool.view_all())
+    pool.remove(2)
+    pool.set_answers(3, [[42, 43]])
+    view = pool.view("ann")
+    assert view.fact_ids == (1, 3, 4, 5) and view.answers[1] == ((42, 43),)
+    check(view)

@@ -54,6 +54,7 @@ class PoolView:
     answers: tuple = ()  # per row: a tuple of token-id tuples (its answer as tokenized), or (); empty: none anywhere
     index: AnchorIndex | None = None  # the pool's anchors by fact id (shared by its views; it may hold more facts)
     pool_rows: tuple[int, ...] | None = None  # view row -> pool row; None: the same
+    strings: tuple = ((), ())  # per row, its anchors and its answers as id strings (hooks.id_string)
     _parts: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -84,11 +85,16 @@ class PoolView:
         if "anchors" not in self._parts:
             from editors.incomes.hooks import id_string
 
-            anchors = [[id_string(a) for a in row] for row in self.anchors]
-            self._parts.update(anchors=anchors, relations=tuple(self.relations),
-                               answers=[[id_string(a) for a in row] for row in self.answers])
+            anchor_strings, answer_strings = self.strings
+            anchors = list(anchor_strings) if self.anchors else []
+            answers = list(answer_strings) if self.answers else []
+            if self.anchors and len(anchors) != len(self.anchors):  # a view made by hand, without strings
+                anchors = [[id_string(a) for a in row] for row in self.anchors]
+            if self.answers and len(answers) != len(self.answers):
+                answers = [[id_string(a) for a in row] for row in self.answers]
+            self._parts.update(anchors=anchors, relations=tuple(self.relations), answers=answers)
             if self.anchors and self.index is not None:
-                self._parts.update(index=self.index, row_of={f: i for i, f in enumerate(self.fact_ids)},
+                self._parts.update(index=self.index, row_of=dict(zip(self.fact_ids, range(len(self.fact_ids)))),
                                    unanchored=[i for i, forms in enumerate(self.anchors) if not forms])
         return {k: v for k, v in self._parts.items() if k != "whole"}
 
@@ -105,6 +111,9 @@ class GistPool:
         self._anchors: list[list[list[int]]] = []
         self._relations: list[str | None] = []
         self._answers: list[list[list[int]]] = []
+        # Per row, its anchors and answers as the views and hooks read them (tuples, and id strings), made
+        # once when the row arrives: a view of 100k rows then copies references instead of converting.
+        self._frozen: list[_Frozen] = []
         self._row_of: dict = {}  # fact id -> row
         self._index = AnchorIndex()  # the rows' anchors by fact id, for the mention gate
         self._version = 0
@@ -139,7 +148,9 @@ class GistPool:
 
     def set_answers(self, fact_id, forms: Sequence[Sequence[int]]) -> None:
         """Give a row its answer's token ids (rows of pools written before the answer copy have none)."""
-        self._answers[self._row(fact_id)] = _id_lists([forms], 1, "answer")[0]
+        row = self._row(fact_id)
+        self._answers[row] = _id_lists([forms], 1, "answer")[0]
+        self._frozen[row] = _freeze(self._anchors[row], self._answers[row])
         self._touch()
 
     def append(self, fact_ids: Sequence[Hashable], gists, scopes: str | None | Sequence[str | None] = None,
@@ -170,6 +181,7 @@ class GistPool:
         self._anchors.extend(anchors)
         self._relations.extend(relations)
         self._answers.extend(answers)
+        self._frozen.extend(_freeze(a, b) for a, b in zip(anchors, answers))
         self._touch()
 
     def remove(self, fact_id) -> None:
@@ -177,6 +189,7 @@ class GistPool:
         row = self._row(fact_id)
         self._rows.remove(row)  # its block only, as a new tensor: views already handed out stay valid
         del self._ids[row], self._scopes[row], self._anchors[row], self._relations[row], self._answers[row]
+        del self._frozen[row]
         self._index.remove(fact_id)
         self._row_of = {f: i for i, f in enumerate(self._ids)}  # the rows after it moved up
         self._touch()
@@ -281,15 +294,36 @@ class GistPool:
         if cached is not None:
             return cached
         n = len(self._ids)
-        rows = [i for i, scope in enumerate(self._scopes) if visible(scope)]
-        anchors = tuple(tuple(tuple(a) for a in self._anchors[i]) for i in rows)
-        relations = tuple(self._relations[i] for i in rows)
-        answers = tuple(tuple(tuple(a) for a in self._answers[i]) for i in rows)
-        view = PoolView(self.layers, self._rows.snapshot(), tuple(self._ids[i] for i in rows),
+        everyone = all(scope is None for scope in self._scopes)  # C speed when most rows are global
+        rows = range(n) if everyone else [i for i, scope in enumerate(self._scopes) if visible(scope)]
+        if len(rows) == n:  # every row: whole-list copies of references, in C
+            fact_ids, frozen, relations = tuple(self._ids), self._frozen, tuple(self._relations)
+        else:
+            fact_ids = tuple(self._ids[i] for i in rows)
+            frozen, relations = [self._frozen[i] for i in rows], tuple(self._relations[i] for i in rows)
+        anchors = tuple(f.anchors for f in frozen)
+        answers = tuple(f.answers for f in frozen)
+        view = PoolView(self.layers, self._rows.snapshot(), fact_ids,
                         anchors if any(anchors) else (), relations if any(relations) else (),
-                        answers if any(answers) else (), self._index, None if len(rows) == n else tuple(rows))
+                        answers if any(answers) else (), self._index, None if len(rows) == n else tuple(rows),
+                        strings=(tuple(f.anchor_strings for f in frozen), tuple(f.answer_strings for f in frozen)))
         self._views[key] = view
         return view
+
+
+@dataclass(frozen=True)
+class _Frozen:
+    anchors: tuple  # of token-id tuples
+    answers: tuple
+    anchor_strings: tuple  # the same as id strings (hooks.id_string)
+    answer_strings: tuple
+
+
+def _freeze(anchors: list[list[int]], answers: list[list[int]]) -> _Frozen:
+    from editors.incomes.hooks import id_string
+
+    return _Frozen(tuple(tuple(a) for a in anchors), tuple(tuple(a) for a in answers),
+                   tuple(id_string(a) for a in anchors), tuple(id_string(a) for a in answers))
 
 
 def _id_lists(rows: Sequence[Sequence[Sequence[int]]] | None, n: int, what: str) -> list[list[list[int]]]:
