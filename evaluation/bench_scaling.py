@@ -46,15 +46,11 @@ def _row(method: str, **values) -> dict:
 def gist_curve(loaded, cfg: ScalingConfig) -> list[dict]:
     """The pool grown through each size in turn: base and gist ms per token side by side, the pool's
     bytes, and one real fact compressed and appended at that size."""
-    from editors.incomes.bench import _append_ms, _decode_ms_per_token, _prefill
-    from editors.incomes.compress import CompressedGists
-    from editors.incomes.memory import GistMemory, default_addon_dir
-    from editors.incomes.modules import GistAddon
+    from editors.incomes.bench import _append_ms, _decode_ms_per_token, _prefill, bench_memory, fill_random
 
     model, tok = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
-    trained = default_addon_dir(loaded.name)
-    memory = GistMemory(model, tok, GistAddon.load(trained, model) if trained else GistAddon.for_model(model))
+    memory, _ = bench_memory(loaded)
     rows = []
     try:
         _append_ms(memory, first_id=-100, repeats=1)  # warm-up: the first compression pays one-time costs
@@ -63,12 +59,8 @@ def gist_curve(loaded, cfg: ScalingConfig) -> list[dict]:
         question = tok("Where does Quorbin Vesk live?", return_tensors="pt")["input_ids"].to(device)
         pool, generator, held = memory.pool, torch.Generator().manual_seed(cfg.seed), 1
         for n in cfg.sizes:
-            grow = n - held
-            if grow > 0:
-                shape = (len(pool.layers), grow, pool.n_kv_heads, pool.head_dim)
-                gists = CompressedGists(pool.layers, 0.1 * torch.randn(shape, generator=generator),
-                                        0.1 * torch.randn(shape, generator=generator))
-                pool.append(list(range(held, n)), gists, anchors=[memory.anchors(f"Person {i} Zed") for i in range(held, n)])
+            if n > held:
+                fill_random(memory, held, n, generator)
                 held = n
             base, gist = [], []
             for _ in range(cfg.repeats):

@@ -60,13 +60,31 @@ def kv_bytes_per_token(model) -> int:
     return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * element
 
 
+def bench_memory(loaded) -> tuple[GistMemory, object]:
+    """A fresh GistMemory on the loaded model with its shipped add-on (an untrained one when there is
+    none: speed and memory do not depend on what it learned), and the add-on's directory or None."""
+    trained = default_addon_dir(loaded.name)
+    addon = GistAddon.load(trained, loaded.model) if trained else GistAddon.for_model(loaded.model)
+    return GistMemory(loaded.model, loaded.tokenizer, addon), trained
+
+
+def fill_random(memory: GistMemory, start: int, stop: int, generator: torch.Generator) -> None:
+    """Rows start..stop-1 of random gists, each under a subject of its own (so the mention gate keeps
+    them from a query about another subject)."""
+    from editors.incomes.compress import CompressedGists
+
+    pool = memory.pool
+    shape = (len(pool.layers), stop - start, pool.n_kv_heads, pool.head_dim)
+    gists = CompressedGists(pool.layers, 0.1 * torch.randn(shape, generator=generator),
+                            0.1 * torch.randn(shape, generator=generator))
+    pool.append(list(range(start, stop)), gists, anchors=[memory.anchors(f"Person {i} Zed") for i in range(start, stop)])
+
+
 @torch.no_grad()
 def gist_vs_icl(loaded, cfg) -> dict:
     model, tok = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
-    trained = default_addon_dir(loaded.name)
-    addon = GistAddon.load(trained, model) if trained else GistAddon.for_model(model)
-    memory = GistMemory(model, tok, addon)
+    memory, trained = bench_memory(loaded)
     try:
         out: dict = {"addon": str(trained) if trained else "untrained (speed and memory only)",
                      "device": str(device)}
@@ -115,13 +133,9 @@ def decode_at_scale(loaded, n: int, tokens: int = 32, repeats: int = 3) -> dict:
     over `repeats` alternating runs). The rows are random gists under distinct subjects: speed does not
     depend on what a gist holds, and the query mentions one real fact, so the mention gate lets it read that
     row alone, as a chat about one subject does."""
-    from editors.incomes.compress import CompressedGists
-
     model, tok = loaded.model, loaded.tokenizer
     device = next(model.parameters()).device
-    trained = default_addon_dir(loaded.name)
-    addon = GistAddon.load(trained, model) if trained else GistAddon.for_model(model)
-    memory = GistMemory(model, tok, addon)
+    memory, _ = bench_memory(loaded)
     try:
         _append_ms(memory, first_id=-100, repeats=1)  # warm up: the first compression pays one-time costs
         memory.remove(-100)
@@ -129,13 +143,8 @@ def decode_at_scale(loaded, n: int, tokens: int = 32, repeats: int = 3) -> dict:
         for fact_id in memory.pool.fact_ids:
             memory.remove(fact_id)
         memory.add([0], ["Quorbin Vesk lives in Talloway."], subjects=["Quorbin Vesk"])
-        pool = memory.pool
-        shape = (len(pool.layers), n, pool.n_kv_heads, pool.head_dim)
-        generator = torch.Generator().manual_seed(0)
-        gists = CompressedGists(pool.layers, 0.1 * torch.randn(shape, generator=generator),
-                                0.1 * torch.randn(shape, generator=generator))
         started = time.perf_counter()
-        pool.append(list(range(1, n + 1)), gists, anchors=[memory.anchors(f"Person {i} Zed") for i in range(n)])
+        fill_random(memory, 1, n + 1, torch.Generator().manual_seed(0))
         fill_s = time.perf_counter() - started
         question = tok("Where does Quorbin Vesk live?", return_tensors="pt")["input_ids"].to(device)
         base, gist = [], []
