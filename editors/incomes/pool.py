@@ -83,15 +83,9 @@ class PoolView:
     def bound_parts(self) -> dict:
         """What the hooks' BoundPool takes of this view besides its tensors, worked out once per view."""
         if "anchors" not in self._parts:
-            from editors.incomes.hooks import id_string
-
             anchor_strings, answer_strings = self.strings
             anchors = list(anchor_strings) if self.anchors else []
             answers = list(answer_strings) if self.answers else []
-            if self.anchors and len(anchors) != len(self.anchors):  # a view made by hand, without strings
-                anchors = [[id_string(a) for a in row] for row in self.anchors]
-            if self.answers and len(answers) != len(self.answers):
-                answers = [[id_string(a) for a in row] for row in self.answers]
             self._parts.update(anchors=anchors, relations=tuple(self.relations), answers=answers)
             if self.anchors and self.index is not None:
                 self._parts.update(index=self.index, row_of=dict(zip(self.fact_ids, range(len(self.fact_ids)))),
@@ -108,11 +102,9 @@ class GistPool:
         self._rows = RowBlocks(len(self.layers), n_kv_heads, head_dim, self.device, dtype)
         self._ids: list = []
         self._scopes: list[str | None] = []
-        self._anchors: list[list[list[int]]] = []
         self._relations: list[str | None] = []
-        self._answers: list[list[list[int]]] = []
-        # Per row, its anchors and answers as the views and hooks read them (tuples, and id strings), made
-        # once when the row arrives: a view of 100k rows then copies references instead of converting.
+        # Per row, its anchors and answers (token-id tuples, and as id strings for the hooks), made once when
+        # the row arrives: a view of 100k rows then copies references instead of converting.
         self._frozen: list[_Frozen] = []
         self._row_of: dict = {}  # fact id -> row
         self._index = AnchorIndex()  # the rows' anchors by fact id, for the mention gate
@@ -140,17 +132,16 @@ class GistPool:
         return self._scopes[self._row(fact_id)]
 
     def answers_of(self, fact_id) -> list[list[int]]:
-        return self._answers[self._row(fact_id)]
+        return [list(form) for form in self._frozen[self._row(fact_id)].answers]
 
     def without_answers(self) -> set:
         """The fact ids whose rows have no answer tokens (one pass, not a row lookup per fact)."""
-        return {fid for fid, forms in zip(self._ids, self._answers) if not forms}
+        return {fid for fid, row in zip(self._ids, self._frozen) if not row.answers}
 
     def set_answers(self, fact_id, forms: Sequence[Sequence[int]]) -> None:
         """Give a row its answer's token ids (rows of pools written before the answer copy have none)."""
         row = self._row(fact_id)
-        self._answers[row] = _id_lists([forms], 1, "answer")[0]
-        self._frozen[row] = _freeze(self._anchors[row], self._answers[row])
+        self._frozen[row] = _freeze(self._frozen[row].anchors, _id_lists([forms], 1, "answer")[0])
         self._touch()
 
     def append(self, fact_ids: Sequence[Hashable], gists, scopes: str | None | Sequence[str | None] = None,
@@ -178,9 +169,7 @@ class GistPool:
             self._index.add(fact_id, forms)
         self._ids.extend(fact_ids)
         self._scopes.extend(scopes)
-        self._anchors.extend(anchors)
         self._relations.extend(relations)
-        self._answers.extend(answers)
         self._frozen.extend(_freeze(a, b) for a, b in zip(anchors, answers))
         self._touch()
 
@@ -188,8 +177,7 @@ class GistPool:
         """Remove exactly this fact's row; raises NotFoundError if it is not in the pool."""
         row = self._row(fact_id)
         self._rows.remove(row)  # its block only, as a new tensor: views already handed out stay valid
-        del self._ids[row], self._scopes[row], self._anchors[row], self._relations[row], self._answers[row]
-        del self._frozen[row]
+        del self._ids[row], self._scopes[row], self._relations[row], self._frozen[row]
         self._index.remove(fact_id)
         self._row_of = {f: i for i, f in enumerate(self._ids)}  # the rows after it moved up
         self._touch()
@@ -232,8 +220,9 @@ class GistPool:
         n = len(self)
         meta = {"format": POOL_FORMAT, "layers": list(self.layers), "n_kv_heads": self.n_kv_heads,
                 "head_dim": self.head_dim, "dtype": str(self.dtype).removeprefix("torch."), "tag": self.tag,
-                "fact_ids": self._ids, "scopes": self._scopes, "anchors": self._anchors,
-                "relations": self._relations, "answers": self._answers}
+                "fact_ids": self._ids, "scopes": self._scopes,
+                "anchors": [row.anchors for row in self._frozen], "relations": self._relations,
+                "answers": [row.answers for row in self._frozen]}
         keys, values = self._rows.snapshot().whole() if n else self.rows_of([])
         tensors = {"keys": keys.contiguous().cpu(), "values": values.contiguous().cpu()}
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)}))
@@ -319,7 +308,7 @@ class _Frozen:
     answer_strings: tuple
 
 
-def _freeze(anchors: list[list[int]], answers: list[list[int]]) -> _Frozen:
+def _freeze(anchors: Sequence[Sequence[int]], answers: Sequence[Sequence[int]]) -> _Frozen:
     from editors.incomes.hooks import id_string
 
     return _Frozen(tuple(tuple(a) for a in anchors), tuple(tuple(a) for a in answers),

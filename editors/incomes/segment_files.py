@@ -86,8 +86,8 @@ def write_segment(directory: Path, name: str, pool: GistPool, rows: list[int]) -
     header = json.dumps({"format": FORMAT, "segment": name, "rows": len(rows)})
     atomic_write(directory / f"{name}.safetensors",
                  lambda tmp: save_file(tensors, str(tmp), metadata={SEGMENT_KEY: header}))
-    lines = [header] + [json.dumps({"fact_id": pool._ids[i], "scope": pool._scopes[i], "anchors": pool._anchors[i],
-                                    "relation": pool._relations[i], "answers": pool._answers[i]}) for i in rows]
+    lines = [header] + [json.dumps({"fact_id": pool._ids[i], "scope": pool._scopes[i], "anchors": pool._frozen[i].anchors,
+                                    "relation": pool._relations[i], "answers": pool._frozen[i].answers}) for i in rows]
     atomic_write(directory / f"{name}.jsonl", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
 
 
